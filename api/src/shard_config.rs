@@ -1,0 +1,270 @@
+//! The listener shard config: what one listener process serves.
+//!
+//! The operator writes it as `shard.json` into the shard's ConfigMap; the listener mounts it,
+//! reads it at start and reloads it when the file changes. `trackgate run` writes the same file
+//! for a pool run on a laptop. Wire names are camelCase; durations are integer seconds at this
+//! edge and typed [`Duration`]s inside the programs.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// File name of the shard config inside the shard's ConfigMap and the listener's mount.
+pub const SHARD_CONFIG_FILE: &str = "shard.json";
+
+/// Environment variable that carries the Redis URL into a listener (from the pool's Secret).
+pub const REDIS_URL_ENV: &str = "TRACKGATE_REDIS_URL";
+
+/// How a device is identified on a port.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum IdentificationMode {
+    /// Every device owns one port; a login with any other IMEI on that port is refused.
+    #[default]
+    Dedicated,
+    /// A few ports shared by many devices; identity is the login IMEI, checked against the pool.
+    Shared,
+}
+
+/// One listener shard's whole configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardConfig {
+    /// Name of the `TrackerPortPool`; used in metric labels, Redis keys and logs.
+    pub pool: String,
+    /// Shard index within the pool.
+    pub shard: u32,
+    /// Identification mode of the pool.
+    pub mode: IdentificationMode,
+    /// Ports to bind. In dedicated mode each carries the IMEI of the device that owns it.
+    pub ports: Vec<PortBinding>,
+    /// Shared mode: the IMEIs admitted on any port of this shard. Empty in dedicated mode.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
+    /// Also serve Teltonika UDP datagrams on the same port numbers.
+    #[serde(default)]
+    pub udp: bool,
+    /// Connection and frame limits.
+    #[serde(default)]
+    pub limits: ListenerLimits,
+    /// Where records go.
+    #[serde(default)]
+    pub redis: RedisSink,
+}
+
+/// A port this shard binds and, in dedicated mode, the device that owns it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PortBinding {
+    /// TCP (and UDP, when enabled) port number.
+    pub port: u16,
+    /// Dedicated mode: the only IMEI accepted on this port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imei: Option<String>,
+}
+
+/// Listener limits. Every field has a default chosen for Teltonika devices on a mobile network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ListenerLimits {
+    /// Most open device connections one listener process holds.
+    pub max_connections: u32,
+    /// Largest TCP frame accepted, in bytes. Teltonika caps AVL packets at 1280 bytes and
+    /// Codec 12 responses can reach a few KiB; 32 KiB is traccar's ceiling too.
+    pub max_frame_bytes: u32,
+    /// Seconds a logged-in connection may stay silent. Devices ping with `0xFF` below their
+    /// own open-link timeout, so a connection silent for this long is dead.
+    pub idle_timeout_seconds: u32,
+    /// Seconds a new connection has to send its IMEI.
+    pub login_timeout_seconds: u32,
+    /// New connections accepted per second per process; a reconnect storm after an outage is
+    /// spread out instead of stampeding Redis.
+    pub accept_rate_per_second: u32,
+}
+
+impl Default for ListenerLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            max_frame_bytes: 32 * 1024,
+            idle_timeout_seconds: 600,
+            login_timeout_seconds: 30,
+            accept_rate_per_second: 1_000,
+        }
+    }
+}
+
+impl ListenerLimits {
+    /// The idle timeout as a [`Duration`].
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(u64::from(self.idle_timeout_seconds))
+    }
+
+    /// The login timeout as a [`Duration`].
+    pub fn login_timeout(&self) -> Duration {
+        Duration::from_secs(u64::from(self.login_timeout_seconds))
+    }
+}
+
+/// Redis Streams sink settings. The URL itself comes from the environment
+/// ([`REDIS_URL_ENV`]), never from the config file, because it may carry a password.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RedisSink {
+    /// Prefix of every key: `<prefix>:{<pool>:<n>}:readings`.
+    pub stream_prefix: String,
+    /// Number of readings streams per pool; a device always lands in the same one.
+    pub partitions: u32,
+    /// Approximate `MAXLEN ~` of each readings stream.
+    pub max_len: u64,
+}
+
+impl Default for RedisSink {
+    fn default() -> Self {
+        Self {
+            stream_prefix: "trackgate".to_owned(),
+            partitions: 4,
+            max_len: 1_000_000,
+        }
+    }
+}
+
+/// Why a shard config is unusable.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ShardConfigError {
+    /// The file is not valid JSON of this shape.
+    #[error("shard config is not valid JSON: {0}")]
+    Json(String),
+    /// A port appears twice.
+    #[error("port {0} is listed twice")]
+    DuplicatePort(u16),
+    /// Port 0 cannot be served.
+    #[error("port 0 is not a valid port")]
+    ZeroPort,
+    /// Dedicated mode needs an IMEI on every port.
+    #[error("dedicated mode: port {0} has no IMEI")]
+    MissingImei(u16),
+    /// An IMEI owns two ports.
+    #[error("IMEI {0} owns more than one port")]
+    DuplicateImei(String),
+    /// Partitions must be at least one.
+    #[error("redis.partitions must be at least 1")]
+    NoPartitions,
+}
+
+impl ShardConfig {
+    /// Parses and validates a shard config from JSON text.
+    ///
+    /// # Errors
+    /// [`ShardConfigError`] when the JSON does not parse or breaks a rule of [`Self::validate`].
+    pub fn from_json(text: &str) -> Result<Self, ShardConfigError> {
+        let cfg: Self =
+            serde_json::from_str(text).map_err(|e| ShardConfigError::Json(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Serialises to pretty JSON, ports sorted, so that the ConfigMap is stable across
+    /// reconciles and a diff shows what changed.
+    pub fn to_json(&self) -> String {
+        let mut cfg = self.clone();
+        cfg.ports.sort();
+        cfg.devices.sort();
+        // NB: serialising plain data with string keys cannot fail.
+        serde_json::to_string_pretty(&cfg).unwrap_or_default()
+    }
+
+    /// Checks the rules the types cannot express.
+    ///
+    /// # Errors
+    /// The first rule broken.
+    pub fn validate(&self) -> Result<(), ShardConfigError> {
+        let mut ports = BTreeSet::new();
+        let mut imeis = BTreeSet::new();
+        for binding in &self.ports {
+            if binding.port == 0 {
+                return Err(ShardConfigError::ZeroPort);
+            }
+            if !ports.insert(binding.port) {
+                return Err(ShardConfigError::DuplicatePort(binding.port));
+            }
+            match (&binding.imei, self.mode) {
+                (None, IdentificationMode::Dedicated) => {
+                    return Err(ShardConfigError::MissingImei(binding.port));
+                }
+                (Some(imei), _) if !imeis.insert(imei.as_str()) => {
+                    return Err(ShardConfigError::DuplicateImei(imei.clone()));
+                }
+                _ => {}
+            }
+        }
+        if self.redis.partitions == 0 {
+            return Err(ShardConfigError::NoPartitions);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dedicated() -> ShardConfig {
+        ShardConfig {
+            pool: "fleet".into(),
+            shard: 0,
+            mode: IdentificationMode::Dedicated,
+            ports: vec![
+                PortBinding { port: 5001, imei: Some("356307042441013".into()) },
+                PortBinding { port: 5000, imei: Some("352093086403655".into()) },
+            ],
+            devices: vec![],
+            udp: false,
+            limits: ListenerLimits::default(),
+            redis: RedisSink::default(),
+        }
+    }
+
+    #[test]
+    fn round_trips_through_json_with_sorted_ports() {
+        let cfg = dedicated();
+        let text = cfg.to_json();
+        let back = ShardConfig::from_json(&text).unwrap();
+        assert_eq!(back.ports[0].port, 5000);
+        assert_eq!(back.pool, "fleet");
+        assert!(text.contains("\"maxFrameBytes\": 32768"), "{text}");
+    }
+
+    #[test]
+    fn defaults_fill_missing_sections() {
+        let cfg = ShardConfig::from_json(
+            r#"{"pool":"p","shard":1,"mode":"shared","ports":[{"port":7000}],"devices":["123456789012345"]}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.limits, ListenerLimits::default());
+        assert_eq!(cfg.redis.partitions, 4);
+    }
+
+    #[test]
+    fn rejects_broken_configs() {
+        let mut cfg = dedicated();
+        cfg.ports[1].port = 5001;
+        assert_eq!(cfg.validate(), Err(ShardConfigError::DuplicatePort(5001)));
+
+        let mut cfg = dedicated();
+        cfg.ports[0].imei = None;
+        assert_eq!(cfg.validate(), Err(ShardConfigError::MissingImei(5001)));
+
+        let mut cfg = dedicated();
+        cfg.ports[0].imei = cfg.ports[1].imei.clone();
+        assert!(matches!(cfg.validate(), Err(ShardConfigError::DuplicateImei(_))));
+
+        let mut cfg = dedicated();
+        cfg.redis.partitions = 0;
+        assert_eq!(cfg.validate(), Err(ShardConfigError::NoPartitions));
+
+        assert!(matches!(ShardConfig::from_json("{"), Err(ShardConfigError::Json(_))));
+    }
+}

@@ -1,0 +1,1 @@
+//! trackgate listener library. (Being written.)

@@ -1,0 +1,1 @@
+//! trackgate operator library. (Being written.)

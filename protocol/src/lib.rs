@@ -1,0 +1,1 @@
+//! Sans-io codec for the Teltonika tracker protocol. (Being written: see issue 2.)

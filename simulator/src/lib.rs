@@ -1,0 +1,1 @@
+//! trackgate simulator library. (Being written.)

@@ -1,0 +1,193 @@
+//! Helpers for trackgate's integration tests: a real `redis-server` on a free loopback port,
+//! free-port discovery, and the skip rule for tests that need an outside tool.
+//!
+//! Tests that need `redis-server` fail loudly when it is missing, unless
+//! `TRACKGATE_ALLOW_SKIP=1` is set: CI installs it, so a silent skip there would hide a
+//! broken setup.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// A free TCP port on 127.0.0.1 (bound, read, released: a tiny race that tests accept).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port on 127.0.0.1: {e}"))
+}
+
+/// `n` distinct free ports, all held open until every one is chosen so none repeats.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+        .collect();
+    held.iter().map(|l| l.local_addr().expect("local addr").port()).collect()
+}
+
+/// Where a tool lives, or `None` when it is not installed.
+pub fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(tool))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Returns the tool's path, or says why the test is skipped (when skipping is allowed) and
+/// returns `None`. Panics when the tool is missing and skipping is not allowed.
+pub fn require_tool(tool: &str) -> Option<PathBuf> {
+    if let Some(path) = which(tool) {
+        return Some(path);
+    }
+    if std::env::var("TRACKGATE_ALLOW_SKIP").as_deref() == Ok("1") {
+        eprintln!("SKIP: `{tool}` is not installed (run scripts/test.sh to install it)");
+        return None;
+    }
+    panic!("`{tool}` is not installed: run scripts/test.sh, or set TRACKGATE_ALLOW_SKIP=1 to skip");
+}
+
+/// A `redis-server` child process on 127.0.0.1, with persistence off, killed on drop.
+pub struct RedisServer {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts a server on a free port and waits until it answers `PING`.
+    /// `None` when `redis-server` is missing and skipping is allowed.
+    pub fn start() -> Option<Self> {
+        require_tool("redis-server")?;
+        let dir = tempfile::tempdir().expect("temp dir for redis");
+        let mut server = Self { port: free_port(), dir, child: None };
+        server.spawn().expect("start redis-server");
+        Some(server)
+    }
+
+    /// The TCP port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:<port>/`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Kills the server at once (SIGKILL), as a crash or an OOM kill would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port, with an empty dataset (persistence is off, as after
+    /// a real crash of a cache-mode Redis).
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.spawn()
+    }
+
+    /// Sends one inline command and returns the raw RESP reply (for quick checks; tests that
+    /// read streams use a real client).
+    pub fn command(&self, line: &str) -> anyhow::Result<String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(format!("{line}\r\n").as_bytes())?;
+        let mut reader = BufReader::new(stream);
+        let mut first = String::new();
+        reader.read_line(&mut first)?;
+        if let Some(len) = first.strip_prefix('$').and_then(|n| n.trim().parse::<usize>().ok()) {
+            let mut body = vec![0; len + 2];
+            reader.read_exact(&mut body)?;
+            return Ok(String::from_utf8_lossy(&body[..len]).into_owned());
+        }
+        Ok(first.trim_end().to_owned())
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawn redis-server")?;
+        self.child = Some(child);
+        wait_for_ping(self.port, Duration::from_secs(10))
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn wait_for_ping(port: u16, within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        let answered = TcpStream::connect(("127.0.0.1", port)).and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_millis(500)))?;
+            s.write_all(b"PING\r\n")?;
+            let mut buf = [0u8; 7];
+            s.read_exact(&mut buf)?;
+            Ok(&buf == b"+PONG\r\n")
+        });
+        if matches!(answered, Ok(true)) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("redis-server on port {port} did not answer PING within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until `addr` accepts TCP connections.
+pub fn wait_for_port(addr: SocketAddr, within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        if Instant::now() > deadline {
+            bail!("{addr} did not accept connections within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// The workspace root (for paths to examples and vectors).
+pub fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or_else(|| Path::new("."))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_server_starts_answers_and_restarts_empty() {
+        let Some(mut redis) = RedisServer::start() else { return };
+        assert_eq!(redis.command("SET k v").unwrap(), "+OK");
+        assert_eq!(redis.command("GET k").unwrap(), "v");
+        redis.restart().unwrap();
+        assert_eq!(redis.command("EXISTS k").unwrap(), ":0");
+    }
+
+    #[test]
+    fn free_ports_are_distinct() {
+        let ports = free_ports(20);
+        let set: std::collections::BTreeSet<_> = ports.iter().collect();
+        assert_eq!(set.len(), 20);
+    }
+}
