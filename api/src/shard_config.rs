@@ -17,7 +17,9 @@ pub const SHARD_CONFIG_FILE: &str = "shard.json";
 pub const REDIS_URL_ENV: &str = "TRACKGATE_REDIS_URL";
 
 /// How a device is identified on a port.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub enum IdentificationMode {
     /// Every device owns one port; a login with any other IMEI on that port is refused.
@@ -217,8 +219,14 @@ mod tests {
             shard: 0,
             mode: IdentificationMode::Dedicated,
             ports: vec![
-                PortBinding { port: 5001, imei: Some("356307042441013".into()) },
-                PortBinding { port: 5000, imei: Some("352093086403655".into()) },
+                PortBinding {
+                    port: 5001,
+                    imei: Some("356307042441013".into()),
+                },
+                PortBinding {
+                    port: 5000,
+                    imei: Some("352093086403655".into()),
+                },
             ],
             devices: vec![],
             udp: false,
@@ -259,12 +267,18 @@ mod tests {
 
         let mut cfg = dedicated();
         cfg.ports[0].imei = cfg.ports[1].imei.clone();
-        assert!(matches!(cfg.validate(), Err(ShardConfigError::DuplicateImei(_))));
+        assert!(matches!(
+            cfg.validate(),
+            Err(ShardConfigError::DuplicateImei(_))
+        ));
 
         let mut cfg = dedicated();
         cfg.redis.partitions = 0;
         assert_eq!(cfg.validate(), Err(ShardConfigError::NoPartitions));
 
-        assert!(matches!(ShardConfig::from_json("{"), Err(ShardConfigError::Json(_))));
+        assert!(matches!(
+            ShardConfig::from_json("{"),
+            Err(ShardConfigError::Json(_))
+        ));
     }
 }

@@ -26,7 +26,9 @@ pub fn free_ports(n: usize) -> Vec<u16> {
     let held: Vec<TcpListener> = (0..n)
         .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
         .collect();
-    held.iter().map(|l| l.local_addr().expect("local addr").port()).collect()
+    held.iter()
+        .map(|l| l.local_addr().expect("local addr").port())
+        .collect()
 }
 
 /// Where a tool lives, or `None` when it is not installed.
@@ -64,7 +66,11 @@ impl RedisServer {
     pub fn start() -> Option<Self> {
         require_tool("redis-server")?;
         let dir = tempfile::tempdir().expect("temp dir for redis");
-        let mut server = Self { port: free_port(), dir, child: None };
+        let mut server = Self {
+            port: free_port(),
+            dir,
+            child: None,
+        };
         server.spawn().expect("start redis-server");
         Some(server)
     }
@@ -103,7 +109,10 @@ impl RedisServer {
         let mut reader = BufReader::new(stream);
         let mut first = String::new();
         reader.read_line(&mut first)?;
-        if let Some(len) = first.strip_prefix('$').and_then(|n| n.trim().parse::<usize>().ok()) {
+        if let Some(len) = first
+            .strip_prefix('$')
+            .and_then(|n| n.trim().parse::<usize>().ok())
+        {
             let mut body = vec![0; len + 2];
             reader.read_exact(&mut body)?;
             return Ok(String::from_utf8_lossy(&body[..len]).into_owned());
@@ -177,7 +186,9 @@ mod tests {
 
     #[test]
     fn redis_server_starts_answers_and_restarts_empty() {
-        let Some(mut redis) = RedisServer::start() else { return };
+        let Some(mut redis) = RedisServer::start() else {
+            return;
+        };
         assert_eq!(redis.command("SET k v").unwrap(), "+OK");
         assert_eq!(redis.command("GET k").unwrap(), "v");
         redis.restart().unwrap();
