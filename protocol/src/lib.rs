@@ -21,7 +21,7 @@
 //! Strictness: preamble, data length, CRC-16/IBM, `N1 == N2`, IO group counts and the exact end
 //! of the data field are all checked. The legacy GH3000 codec 7 is rejected as
 //! `unknown_codec`, and traccar's non-standard 16-byte "extended" IO group is not decoded
-//! (such frames fail with a body error, normally `count_mismatch`).
+//! (such frames fail with a body error, `io_count`).
 //!
 //! # Driving it
 //!
