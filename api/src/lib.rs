@@ -1,5 +1,7 @@
 //! Types shared by the trackgate operator and listener.
 //!
+//! - [`pool`]: the `TrackerPortPool` custom resource (spec, status, CEL rules).
+//! - [`conditions`]: condition types and reasons of the pool status.
 //! - [`shard_config`]: the file the operator writes into each shard's ConfigMap and the
 //!   listener reads (and reloads) — the contract between control plane and data plane.
 //!
@@ -7,6 +9,13 @@
 //! only with its `derive` feature, for the `TrackerPortPool` custom resource.
 #![warn(missing_docs)]
 
+pub mod conditions;
+pub mod pool;
 pub mod shard_config;
 
+pub use pool::{
+    Device, DeviceSource, Exposure, ExposureType, ExternalTrafficPolicy, ListenerPod, PortRange,
+    Protocol, RedisSpec, SecretKeyRef, ShardStatus, Sharding, TrackerPortPool, TrackerPortPoolSpec,
+    TrackerPortPoolStatus,
+};
 pub use shard_config::{IdentificationMode, ListenerLimits, PortBinding, RedisSink, ShardConfig};
