@@ -1,0 +1,240 @@
+//! The verifier: after a run, every acked record must be in the readings streams exactly once.
+//!
+//! It reads every partition stream `<prefix>:{<pool>:<n>}:readings` from start to end and
+//! matches entries on `imei` + `ts` + the record's fields (by [`record_key`]).
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+use serde::Serialize;
+use trackgate_protocol::Imei;
+
+use crate::report::AckedLog;
+use crate::stats::record_key;
+
+/// Record fields, in the order [`record_key`] digests them (the protocol crate's
+/// `AvlRecord::fields` order).
+const RECORD_FIELDS: [&str; 10] = [
+    "ts", "lat", "lon", "alt", "angle", "sats", "speed", "priority", "event", "io",
+];
+
+/// Entries read per `XRANGE` call: big enough to keep round trips few, small enough to keep
+/// one reply's memory modest.
+const PAGE: usize = 10_000;
+
+/// Where the listener stores readings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamLayout {
+    /// Redis URL.
+    pub url: String,
+    /// Pool name.
+    pub pool: String,
+    /// Key prefix (`trackgate`).
+    pub prefix: String,
+    /// Number of partition streams.
+    pub partitions: u32,
+}
+
+impl StreamLayout {
+    /// The key of partition `n`'s readings stream.
+    pub fn readings_key(&self, n: u32) -> String {
+        format!("{}:{{{}:{}}}:readings", self.prefix, self.pool, n)
+    }
+}
+
+/// Why verification could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VerifyError {
+    /// Talking to Redis failed.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+impl VerifyError {
+    /// A short, bounded name.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            VerifyError::Redis(_) => "redis",
+        }
+    }
+}
+
+/// What the verifier found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Verification {
+    /// Acked records looked for.
+    pub acked: u64,
+    /// Acked records found (at least once).
+    pub found: u64,
+    /// Acked records not in Redis: a broken no-loss promise.
+    pub missing: u64,
+    /// Extra copies of any record of the simulated devices: a broken dedup promise.
+    pub duplicated: u64,
+    /// Entries with an acked record's `imei` and `ts` but other field values.
+    pub mismatched: u64,
+    /// Records in Redis that were never acked (sent, stored, ack lost, and the device gave up
+    /// at the end of the run). Allowed: the device still holds them.
+    pub stored_unacked: u64,
+    /// Stream entries read, all devices.
+    pub entries_read: u64,
+}
+
+impl Verification {
+    /// True when nothing is missing, duplicated or altered.
+    pub fn is_ok(&self) -> bool {
+        self.missing == 0 && self.duplicated == 0 && self.mismatched == 0
+    }
+}
+
+impl fmt::Display for Verification {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "verify   {} acked, {} found, {} missing, {} duplicated, {} mismatched, {} stored but unacked ({} entries read): {}",
+            self.acked,
+            self.found,
+            self.missing,
+            self.duplicated,
+            self.mismatched,
+            self.stored_unacked,
+            self.entries_read,
+            if self.is_ok() { "OK" } else { "FAILED" }
+        )
+    }
+}
+
+/// Checks that every record in `acked` is stored exactly once, and that no record of the
+/// `devices` is stored twice.
+///
+/// # Errors
+/// [`VerifyError`] when Redis cannot be read.
+pub async fn verify(
+    layout: &StreamLayout,
+    acked: &AckedLog,
+    devices: &[Imei],
+) -> Result<Verification, VerifyError> {
+    let ours: HashSet<&str> = devices.iter().map(Imei::as_str).collect();
+    // (imei, ts) → (key, copies found)
+    let mut expected: HashMap<(u64, u64), (u64, u32)> = acked
+        .records()
+        .iter()
+        .map(|r| ((r.imei, r.ts_ms), (r.key, 0)))
+        .collect();
+    let mut unacked: HashMap<(u64, u64, u64), u32> = HashMap::new();
+    let mut result = Verification {
+        acked: expected.len() as u64,
+        ..Verification::default()
+    };
+
+    let client = redis::Client::open(layout.url.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    for n in 0..layout.partitions {
+        let key = layout.readings_key(n);
+        let mut start = "-".to_owned();
+        loop {
+            let page: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+                .arg(&key)
+                .arg(&start)
+                .arg("+")
+                .arg("COUNT")
+                .arg(PAGE)
+                .query_async(&mut conn)
+                .await?;
+            for (_, flat) in &page {
+                result.entries_read += 1;
+                let fields: HashMap<&str, &str> = flat
+                    .chunks_exact(2)
+                    .map(|kv| (kv[0].as_str(), kv[1].as_str()))
+                    .collect();
+                let Some(imei) = fields.get("imei").copied().filter(|i| ours.contains(i)) else {
+                    continue;
+                };
+                let (Ok(imei), Some(Ok(ts))) = (
+                    imei.parse::<u64>(),
+                    fields.get("ts").map(|t| t.parse::<u64>()),
+                ) else {
+                    result.mismatched += 1;
+                    continue;
+                };
+                let entry_key = record_key(
+                    RECORD_FIELDS
+                        .iter()
+                        .map(|f| fields.get(f).copied().unwrap_or("")),
+                );
+                match expected.get_mut(&(imei, ts)) {
+                    Some((key, copies)) if *key == entry_key => *copies += 1,
+                    Some(_) => result.mismatched += 1,
+                    None => *unacked.entry((imei, ts, entry_key)).or_default() += 1,
+                }
+            }
+            match page.last() {
+                Some((id, _)) if page.len() == PAGE => start = format!("({id}"),
+                _ => break,
+            }
+        }
+    }
+
+    for (_, copies) in expected.values() {
+        match copies {
+            0 => result.missing += 1,
+            n => {
+                result.found += 1;
+                result.duplicated += u64::from(n - 1);
+            }
+        }
+    }
+    for copies in unacked.values() {
+        result.stored_unacked += 1;
+        result.duplicated += u64::from(copies - 1);
+    }
+    Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readings_keys_use_the_partition_hash_tag() {
+        let layout = StreamLayout {
+            url: "redis://127.0.0.1/".into(),
+            pool: "fleet".into(),
+            prefix: "trackgate".into(),
+            partitions: 4,
+        };
+        assert_eq!(layout.readings_key(3), "trackgate:{fleet:3}:readings");
+    }
+
+    #[test]
+    fn verification_fails_on_any_loss_duplicate_or_alteration() {
+        let ok = Verification {
+            acked: 2,
+            found: 2,
+            stored_unacked: 1,
+            ..Verification::default()
+        };
+        assert!(ok.is_ok());
+        assert!(
+            !Verification {
+                missing: 1,
+                ..ok.clone()
+            }
+            .is_ok()
+        );
+        assert!(
+            !Verification {
+                duplicated: 1,
+                ..ok.clone()
+            }
+            .is_ok()
+        );
+        assert!(
+            !Verification {
+                mismatched: 1,
+                ..ok
+            }
+            .is_ok()
+        );
+    }
+}
