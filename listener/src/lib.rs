@@ -1,1 +1,105 @@
-//! trackgate listener library. (Being written.)
+//! The trackgate listener: device sockets in, Redis Streams out, and an ack only for what
+//! Redis has stored.
+//!
+//! ```text
+//!  device ─TCP─► accept loop (limits) ─► session: login ─► frames ─► Sink ─► publisher ─► Redis
+//!         ◄──────────────────────────── ack(n) ◄── only after every record is stored ◄──┘
+//!  device ─UDP─► udp loop ─► datagram task ─► Sink … ─► udp_ack
+//!  shard.json ─(poll)─► reload: bind new ports, close removed ones, re-check live sessions
+//! ```
+//!
+//! What it is: [`Listener`] serves one or several shard configs in one process, sharing one
+//! Redis publisher, one metrics registry and one [`trackgate_telemetry::Health`]; [`run`] is
+//! the `trackgate listen` command around it (admin server, signals). What it is not: no
+//! protocol parsing (that is `trackgate-protocol`), no Kubernetes client.
+//!
+//! Module map: `server` (accept loops, limits, reload, shutdown), `session` (one device),
+//! `udp`, `sink` (the only module that knows Redis), `config`, `metrics`, [`keys`].
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+mod config;
+mod error;
+pub mod keys;
+mod metrics;
+mod server;
+mod session;
+mod sink;
+mod udp;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use prometheus::Registry;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+use trackgate_telemetry::Health;
+
+pub use config::load as load_shard_config;
+pub use error::{CloseReason, PublishError, StartError};
+pub use metrics::{METRIC_NAMES, Metrics};
+pub use server::{BoundPort, DEFAULT_REDIS_URL, Listener, ListenerOptions, ShardSource};
+pub use sink::MAX_BATCH_CALLS;
+
+/// `trackgate listen`: serve one shard config with an admin server until SIGTERM or Ctrl-C,
+/// then shut down gracefully.
+///
+/// # Errors
+/// [`StartError`] when the config, a port, the admin address or the Redis URL is unusable.
+pub async fn run(config: PathBuf, admin_addr: SocketAddr) -> Result<(), StartError> {
+    trackgate_telemetry::init_logging(trackgate_telemetry::LogFormat::from_env());
+    let (options, from_env) = ListenerOptions::from_env();
+    if from_env {
+        info!(
+            "Redis URL from {}",
+            trackgate_api::shard_config::REDIS_URL_ENV
+        );
+    } else {
+        info!(
+            url = DEFAULT_REDIS_URL,
+            "{} is unset: using the default Redis URL",
+            trackgate_api::shard_config::REDIS_URL_ENV
+        );
+    }
+    let registry = Registry::new();
+    trackgate_telemetry::register_build_info(&registry, env!("CARGO_PKG_VERSION"))?;
+    let health = Health::new();
+    let admin = tokio::net::TcpListener::bind(admin_addr)
+        .await
+        .map_err(StartError::Admin)?;
+    let listener = Listener::start(
+        options,
+        vec![ShardSource::File(config)],
+        &registry,
+        health.clone(),
+    )
+    .await?;
+    let admin_stop = CancellationToken::new();
+    let admin_task = tokio::spawn(trackgate_telemetry::serve(
+        admin,
+        registry,
+        health,
+        admin_stop.clone().cancelled_owned(),
+    ));
+    info!(%admin_addr, ports = listener.bound_ports().len(), "listening");
+    wait_for_signal().await.map_err(StartError::Admin)?;
+    info!("shutting down: no new connections, finishing in-flight frames");
+    listener.shutdown().await;
+    admin_stop.cancel();
+    let _ = admin_task.await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => Ok(()),
+            ctrl_c = tokio::signal::ctrl_c() => ctrl_c,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await
+    }
+}

@@ -1,0 +1,388 @@
+//! One device connection: login → frames → publish → ack.
+//!
+//! Generic over the byte stream, so a unit test can drive it through `tokio::io::duplex`.
+//! The ack (record count) is written only after the sink reports every record of the frame
+//! stored; a frame Redis would not take within the retry bound closes the connection without
+//! an ack, and the device resends it on its next connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{Span, debug, field, info, instrument, warn};
+use trackgate_protocol::{
+    AvlPacket, Command, Frame, FrameDecoder, FrameError, Imei, LoginDecoder, encode_ack,
+    login_reply,
+};
+
+use crate::config::{Admission, ShardView};
+use crate::error::{CloseReason, PublishError};
+use crate::metrics::Metrics;
+use crate::sink::{Event, ShardKeys, Sink, StoreCall, now_ms};
+
+/// First retry delay after a failed publish; doubles up to [`MAX_RETRY_DELAY`].
+const FIRST_RETRY_DELAY: Duration = Duration::from_millis(50);
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// The device-state hash is refreshed at most this often per session: a device sending every
+/// second should not double the Redis write rate just to say "still here".
+const DEVICE_STATE_EVERY: Duration = Duration::from_secs(10);
+
+/// What every session of one shard shares.
+pub(crate) struct ShardContext {
+    pub(crate) pool: String,
+    pub(crate) shard: String,
+    pub(crate) view: watch::Receiver<Arc<ShardView>>,
+    pub(crate) sink: Sink,
+    pub(crate) metrics: Metrics,
+    /// Cancelled at shutdown: a session finishes the frame it is storing, then closes.
+    pub(crate) stop: CancellationToken,
+    /// How long one frame may keep failing to store before the connection is closed.
+    pub(crate) publish_retry_for: Duration,
+}
+
+/// Runs one session to its end and accounts for it; returns why it ended.
+#[instrument(name = "session", skip_all, fields(pool = %ctx.pool, shard = %ctx.shard, port, peer = %peer, imei = field::Empty))]
+pub(crate) async fn run<S>(
+    stream: S,
+    peer: SocketAddr,
+    port: u16,
+    ctx: Arc<ShardContext>,
+) -> CloseReason
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let view = Arc::clone(&ctx.view.borrow());
+    let mut session = Session {
+        stream,
+        buf: BytesMut::new(),
+        keys: ShardKeys::new(&view.config),
+        view: ctx.view.clone(),
+        peer: peer.to_string(),
+        port,
+        imei: None,
+        ctx,
+    };
+    session.event(Event::Connect);
+    let reason = session.drive(&view).await;
+    let ctx = &session.ctx;
+    ctx.metrics
+        .sessions_closed
+        .with_label_values(&[ctx.pool.as_str(), reason.as_str()])
+        .inc();
+    let imei = session.imei.as_ref().map(|i| i.as_str().to_owned());
+    session.event(Event::Disconnect {
+        imei: imei.as_deref(),
+        reason: reason.as_str(),
+    });
+    if let Some(imei) = &imei {
+        ctx.sink.device_state(&session.keys, imei, port, false);
+    }
+    let _ = session.stream.shutdown().await;
+    debug!(reason = reason.as_str(), "session closed");
+    reason
+}
+
+struct Session<S> {
+    stream: S,
+    buf: BytesMut,
+    keys: ShardKeys,
+    view: watch::Receiver<Arc<ShardView>>,
+    peer: String,
+    port: u16,
+    imei: Option<Imei>,
+    ctx: Arc<ShardContext>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    async fn drive(&mut self, view: &ShardView) -> CloseReason {
+        let imei = match self.login(view).await {
+            Ok(imei) => imei,
+            Err(reason) => return reason,
+        };
+        self.imei = Some(imei);
+        self.frames(view, &imei).await
+    }
+
+    // === Login ===
+
+    async fn login(&mut self, view: &ShardView) -> Result<Imei, CloseReason> {
+        let deadline = Instant::now() + view.login_timeout();
+        let mut decoder = LoginDecoder::new(view.frame_limits());
+        let imei = loop {
+            match decoder.decode(&mut self.buf) {
+                Ok(Some(imei)) => break imei,
+                Ok(None) => {}
+                Err(err) => {
+                    self.count_login("malformed");
+                    return Err(self.malformed(&err));
+                }
+            }
+            tokio::select! {
+                read = self.stream.read_buf(&mut self.buf) => self.on_read(read)?,
+                () = tokio::time::sleep_until(deadline) => {
+                    self.count_login("timeout");
+                    debug!("no login within the timeout");
+                    return Err(CloseReason::LoginTimeout);
+                }
+                () = self.ctx.stop.cancelled() => return Err(CloseReason::Shutdown),
+            }
+        };
+        let admission = self.view.borrow().admit(self.port, imei.as_str());
+        self.count_login(admission.label());
+        self.event(Event::Login {
+            imei: imei.as_str(),
+            result: admission.label(),
+        });
+        let accepted = admission == Admission::Accepted;
+        let reply = [login_reply(accepted)];
+        if self.stream.write_all(&reply).await.is_err() {
+            return Err(CloseReason::Io);
+        }
+        if !accepted {
+            info!(
+                imei = imei.as_str(),
+                result = admission.label(),
+                "login refused"
+            );
+            return Err(CloseReason::LoginRefused);
+        }
+        Span::current().record("imei", imei.as_str());
+        debug!("login accepted");
+        self.ctx
+            .sink
+            .device_state(&self.keys, imei.as_str(), self.port, true);
+        Ok(imei)
+    }
+
+    fn count_login(&self, result: &'static str) {
+        self.ctx
+            .metrics
+            .logins
+            .with_label_values(&[self.ctx.pool.as_str(), result])
+            .inc();
+    }
+
+    // === Frames ===
+
+    async fn frames(&mut self, view: &ShardView, imei: &Imei) -> CloseReason {
+        let idle = view.idle_timeout();
+        let mut decoder = FrameDecoder::new(view.frame_limits());
+        let mut idle_deadline = Instant::now() + idle;
+        let mut state_written = Instant::now();
+        loop {
+            // Frames already buffered are handled before the next read, and before shutdown
+            // closes the connection: a frame fully received is stored and acked.
+            let before = self.buf.len();
+            match decoder.decode(&mut self.buf) {
+                Ok(Some(frame)) => {
+                    let size = before.saturating_sub(self.buf.len());
+                    if let Err(reason) = self.handle(frame, size, imei).await {
+                        return reason;
+                    }
+                    if state_written.elapsed() >= DEVICE_STATE_EVERY {
+                        state_written = Instant::now();
+                        self.ctx
+                            .sink
+                            .device_state(&self.keys, imei.as_str(), self.port, true);
+                    }
+                    continue;
+                }
+                Ok(None) => {}
+                Err(err) => return self.malformed(&err),
+            }
+            if self.ctx.stop.is_cancelled() {
+                return CloseReason::Shutdown;
+            }
+            tokio::select! {
+                biased;
+                () = self.ctx.stop.cancelled() => return CloseReason::Shutdown,
+                changed = self.view.changed() => {
+                    if changed.is_err() {
+                        return CloseReason::Shutdown;
+                    }
+                    let admission = self.view.borrow_and_update().admit(self.port, imei.as_str());
+                    if admission != Admission::Accepted {
+                        info!(result = admission.label(), "device or port removed from the config");
+                        return CloseReason::ConfigRemoved;
+                    }
+                }
+                read = self.stream.read_buf(&mut self.buf) => {
+                    if let Err(reason) = self.on_read(read) {
+                        return reason;
+                    }
+                    idle_deadline = Instant::now() + idle;
+                }
+                () = tokio::time::sleep_until(idle_deadline) => {
+                    debug!(?idle, "idle timeout");
+                    return CloseReason::IdleTimeout;
+                }
+            }
+        }
+    }
+
+    async fn handle(&mut self, frame: Frame, size: usize, imei: &Imei) -> Result<(), CloseReason> {
+        match frame {
+            Frame::KeepAlive => Ok(()),
+            Frame::Command(command) => {
+                self.on_command(&command, imei);
+                Ok(())
+            }
+            Frame::Avl(packet) => self.store_and_ack(packet, size, imei).await,
+        }
+    }
+
+    /// Codec 12/13/14/15 frames are never acked; they go to the events stream
+    /// (`kind=command_response`, payload hex) for the command path to pick up.
+    fn on_command(&self, command: &Command, imei: &Imei) {
+        let ctx = &self.ctx;
+        ctx.metrics
+            .frames
+            .with_label_values(&[ctx.pool.as_str(), command.codec.label()])
+            .inc();
+        let payload_hex = hex(&command.payload);
+        self.event(Event::Command {
+            imei: imei.as_str(),
+            codec: command.codec.label(),
+            kind: command.kind,
+            payload_hex: &payload_hex,
+        });
+        debug!(codec = %command.codec, kind = command.kind, "command frame published as event");
+    }
+
+    async fn store_and_ack(
+        &mut self,
+        packet: AvlPacket,
+        size: usize,
+        imei: &Imei,
+    ) -> Result<(), CloseReason> {
+        let read_at = Instant::now();
+        let ctx = Arc::clone(&self.ctx);
+        let codec = packet.codec.label();
+        ctx.metrics
+            .frames
+            .with_label_values(&[ctx.pool.as_str(), codec])
+            .inc();
+        let count = u32::try_from(packet.records.len()).unwrap_or(u32::MAX);
+        let _inflight = ctx.sink.reserve(size).await;
+        let call = ctx.sink.prepare(
+            &self.keys,
+            imei,
+            packet.codec,
+            self.port,
+            &packet.records,
+            now_ms(),
+        );
+        drop(packet);
+        let new = publish(&ctx, &call).await?;
+        if self.stream.write_all(&encode_ack(count)).await.is_err() {
+            return Err(CloseReason::Io);
+        }
+        let pool = ctx.pool.as_str();
+        ctx.metrics
+            .records
+            .with_label_values(&[pool, codec])
+            .inc_by(u64::from(count));
+        ctx.metrics
+            .duplicate_records
+            .with_label_values(&[pool])
+            .inc_by(u64::from(count.saturating_sub(new)));
+        ctx.metrics
+            .ack_delay
+            .with_label_values(&[pool])
+            .observe(read_at.elapsed().as_secs_f64());
+        debug!(records = count, new, codec, "acked");
+        Ok(())
+    }
+
+    // === Shared ===
+
+    fn on_read(&self, read: std::io::Result<usize>) -> Result<(), CloseReason> {
+        match read {
+            Ok(0) => Err(CloseReason::PeerClosed),
+            Ok(n) => {
+                self.ctx
+                    .metrics
+                    .received_bytes
+                    .with_label_values(&[self.ctx.pool.as_str()])
+                    .inc_by(n as u64);
+                Ok(())
+            }
+            Err(err) => {
+                debug!(%err, "read failed");
+                Err(CloseReason::Io)
+            }
+        }
+    }
+
+    /// Malformed input is final for this connection only: counted by reason, logged once,
+    /// closed without an ack.
+    fn malformed(&self, err: &FrameError) -> CloseReason {
+        self.ctx
+            .metrics
+            .decode_errors
+            .with_label_values(&[self.ctx.pool.as_str(), err.reason()])
+            .inc();
+        warn!(reason = err.reason(), offset = ?err.offset(), %err, "malformed input: closing");
+        let imei = self.imei.as_ref().map(|i| i.as_str().to_owned());
+        self.event(Event::DecodeError {
+            imei: imei.as_deref(),
+            reason: err.reason(),
+        });
+        CloseReason::Malformed
+    }
+
+    fn event(&self, event: Event<'_>) {
+        self.ctx
+            .sink
+            .event(&self.keys, self.port, &self.peer, event);
+    }
+}
+
+/// Stores one frame, retrying with backoff within the shard's bound; `Err` means "do not ack,
+/// close": the device keeps the records and resends them later.
+pub(crate) async fn publish(ctx: &ShardContext, call: &Arc<StoreCall>) -> Result<u32, CloseReason> {
+    let pool = ctx.pool.as_str();
+    let give_up = Instant::now() + ctx.publish_retry_for;
+    let mut delay = FIRST_RETRY_DELAY;
+    loop {
+        let started = Instant::now();
+        match ctx.sink.store(call).await {
+            Ok(new) => {
+                ctx.metrics
+                    .publish_duration
+                    .with_label_values(&[pool])
+                    .observe(started.elapsed().as_secs_f64());
+                return Ok(new);
+            }
+            Err(err) => {
+                ctx.metrics
+                    .publish_errors
+                    .with_label_values(&[pool, err.reason()])
+                    .inc();
+                if Instant::now() + delay > give_up || err == PublishError::Stopped {
+                    warn!(reason = err.reason(), %err, "frame not stored: no ack");
+                    return Err(CloseReason::PublishFailed);
+                }
+                debug!(reason = err.reason(), %err, ?delay, "publish failed: retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(MAX_RETRY_DELAY);
+            }
+        }
+    }
+}
+
+/// Lowercase hex of a payload, for the events stream.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}

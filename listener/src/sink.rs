@@ -1,0 +1,579 @@
+//! The Redis Streams publisher — the only module that knows Redis.
+//!
+//! ```text
+//!  session ─┐ StoreCall + oneshot        ┌─ EVALSHA store_readings (one per frame) ─┐
+//!  session ─┼──► bounded mpsc ──► publisher task: one pipeline per batch ───────────►│ Redis
+//!  udp     ─┘  events / device state (try_send, best effort) ─── XADD / HSET ───────┘
+//! ```
+//!
+//! Records from every connection are batched: the publisher takes what is queued (up to
+//! [`MAX_BATCH_CALLS`]) and sends it as one pipeline, so a busy listener makes one round trip
+//! for many frames. Each session awaits its own frame's result and acks only on `Ok`.
+//!
+//! Dedup is atomic with the XADD: the `store_readings` script checks one marker key per record
+//! (`<prefix>:{<pool>:<n>}:seen:<imei>:<fingerprint>`), XADDs the records that have none, then
+//! sets the marker with a TTL (the dedup window). All keys of a call share the partition's
+//! hash tag, so the script is valid on Redis Cluster. The XADD happens before the SET: a failing
+//! XADD aborts the script before the marker is written, so a marker never exists for a record
+//! that is not in the stream.
+//!
+//! NB: per-record marker keys with a TTL rather than one sorted set per partition: expiry is
+//! Redis's own job (no trimming step inside every call, no unbounded ZSET when trimming lags),
+//! each call is O(records), and the cost is one small key per record for the window (measured
+//! in docs/architecture.md, ~100 bytes). A ZSET costs about the same per member.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Cmd, RedisResult, Script, Value};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use trackgate_protocol::{AvlRecord, Codec, Imei};
+use trackgate_telemetry::{Health, Heartbeat};
+
+use crate::error::{PublishError, StartError};
+use crate::keys;
+use crate::metrics::Metrics;
+
+/// Most frames in one pipeline: large enough to amortise the round trip, small enough that
+/// one slow batch does not hold hundreds of acks.
+pub const MAX_BATCH_CALLS: usize = 256;
+/// Queue in front of the publisher. Sessions wait here when Redis is slower than the devices;
+/// the in-flight byte cap is the real memory bound.
+const QUEUE_DEPTH: usize = 4 * MAX_BATCH_CALLS;
+/// Best-effort writes (events, device state) queued at most; beyond that they are dropped and
+/// counted rather than slowing the data path.
+const SIDE_QUEUE_DEPTH: usize = 4096;
+/// `MAXLEN ~` of the events stream.
+const EVENTS_MAX_LEN: u64 = 100_000;
+/// Readiness name of the Redis condition.
+pub(crate) const REDIS_READY: &str = "redis";
+
+const STORE_READINGS: &str = r"
+-- KEYS[1]: readings stream; KEYS[2..]: one dedup marker per record, in record order.
+-- ARGV: maxlen, ttl_ms, imei, codec, port, recv, then 10 values per record.
+-- Returns how many records were new (added to the stream).
+local names = {'ts','lat','lon','alt','angle','sats','speed','priority','event','io'}
+local added = 0
+local a = 7
+for i = 2, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    local e = {'imei', ARGV[3]}
+    for j = 1, 10 do
+      e[#e + 1] = names[j]
+      e[#e + 1] = ARGV[a + j - 1]
+    end
+    e[#e + 1] = 'codec'; e[#e + 1] = ARGV[4]
+    e[#e + 1] = 'port'; e[#e + 1] = ARGV[5]
+    e[#e + 1] = 'recv'; e[#e + 1] = ARGV[6]
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(e))
+    redis.call('SET', KEYS[i], '1', 'PX', ARGV[2])
+    added = added + 1
+  end
+  a = a + 10
+end
+return added
+";
+
+/// Publisher settings.
+#[derive(Clone, Debug)]
+pub(crate) struct SinkOptions {
+    pub(crate) redis_url: String,
+    pub(crate) pod: String,
+    pub(crate) response_timeout: Duration,
+    pub(crate) max_inflight_bytes: usize,
+    pub(crate) dedup_window: Duration,
+    pub(crate) heartbeat_max_silence: Duration,
+}
+
+/// Where one shard's data goes (from its config's `redis` section).
+#[derive(Clone, Debug)]
+pub(crate) struct ShardKeys {
+    pub(crate) prefix: String,
+    pub(crate) pool: String,
+    pub(crate) partitions: u32,
+    pub(crate) max_len: u64,
+}
+
+impl ShardKeys {
+    pub(crate) fn new(config: &trackgate_api::ShardConfig) -> Self {
+        Self {
+            prefix: config.redis.stream_prefix.clone(),
+            pool: config.pool.clone(),
+            partitions: config.redis.partitions,
+            max_len: config.redis.max_len,
+        }
+    }
+}
+
+/// One frame's records, ready to send (kept for retries: same keys, same `recv`).
+#[derive(Debug)]
+pub(crate) struct StoreCall {
+    keys: Vec<String>,
+    args: Vec<String>,
+}
+
+impl StoreCall {
+    fn cmd(&self, script: &Script) -> Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(script.get_hash())
+            .arg(self.keys.len())
+            .arg(&self.keys)
+            .arg(&self.args);
+        cmd
+    }
+}
+
+struct Job {
+    call: Arc<StoreCall>,
+    reply: oneshot::Sender<Result<u32, PublishError>>,
+}
+
+struct SideWrite {
+    cmd: Cmd,
+    pool: Arc<str>,
+}
+
+/// A session or UDP event for the events stream.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Event<'a> {
+    Connect,
+    Login {
+        imei: &'a str,
+        result: &'static str,
+    },
+    Disconnect {
+        imei: Option<&'a str>,
+        reason: &'static str,
+    },
+    DecodeError {
+        imei: Option<&'a str>,
+        reason: &'static str,
+    },
+    /// A Codec 12/13/14/15 frame from the device: never acked, published here as hex.
+    Command {
+        imei: &'a str,
+        codec: &'static str,
+        kind: u8,
+        payload_hex: &'a str,
+    },
+}
+
+/// The handle sessions publish through; cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Sink {
+    jobs: mpsc::Sender<Job>,
+    side: mpsc::Sender<SideWrite>,
+    inflight: Arc<Semaphore>,
+    inflight_cap: u32,
+    metrics: Metrics,
+    pod: Arc<str>,
+    dedup_ttl_ms: u64,
+}
+
+/// Bytes of one frame counted against the global in-flight cap until dropped.
+pub(crate) struct InflightPermit {
+    _permit: OwnedSemaphorePermit,
+    bytes: i64,
+    metrics: Metrics,
+}
+
+impl Drop for InflightPermit {
+    fn drop(&mut self) {
+        self.metrics.inflight_bytes.sub(self.bytes);
+    }
+}
+
+/// Milliseconds since the Unix epoch, for `recv` and event times.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+impl Sink {
+    /// Starts the publisher task and returns the handle and the task.
+    pub(crate) fn start(
+        options: &SinkOptions,
+        metrics: Metrics,
+        health: &Health,
+        stop: CancellationToken,
+    ) -> Result<(Self, tokio::task::JoinHandle<()>), StartError> {
+        let client =
+            redis::Client::open(options.redis_url.as_str()).map_err(StartError::RedisUrl)?;
+        // Reconnects in the background with exponential backoff (100 ms to 2 s) while the
+        // calls in between fail fast: the sessions' own retry bound decides when to give up.
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(options.response_timeout))
+            .set_response_timeout(Some(options.response_timeout))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(100))
+            .set_max_delay(Duration::from_secs(2));
+        let conn = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(StartError::RedisUrl)?;
+        let (jobs_tx, jobs_rx) = mpsc::channel(QUEUE_DEPTH);
+        let (side_tx, side_rx) = mpsc::channel(SIDE_QUEUE_DEPTH);
+        health.set_ready(REDIS_READY, false);
+        let publisher = Publisher {
+            conn,
+            script: Script::new(STORE_READINGS),
+            jobs: jobs_rx,
+            side: side_rx,
+            health: health.clone(),
+            heartbeat: health.heartbeat("publisher", options.heartbeat_max_silence),
+            response_timeout: options.response_timeout,
+            metrics: metrics.clone(),
+        };
+        let task = tokio::spawn(publisher.run(stop));
+        let cap = u32::try_from(options.max_inflight_bytes.max(1)).unwrap_or(u32::MAX);
+        let sink = Sink {
+            jobs: jobs_tx,
+            side: side_tx,
+            inflight: Arc::new(Semaphore::new(cap as usize)),
+            inflight_cap: cap,
+            metrics,
+            pod: options.pod.as_str().into(),
+            dedup_ttl_ms: u64::try_from(options.dedup_window.as_millis()).unwrap_or(u64::MAX),
+        };
+        Ok((sink, task))
+    }
+
+    /// Waits until `bytes` fit under the global in-flight cap. `None` only when the
+    /// semaphore is closed (never, in practice).
+    pub(crate) async fn reserve(&self, bytes: usize) -> Option<InflightPermit> {
+        let n = u32::try_from(bytes)
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.inflight_cap);
+        let permit = self.inflight.clone().acquire_many_owned(n).await.ok()?;
+        self.metrics.inflight_bytes.add(i64::from(n));
+        Some(InflightPermit {
+            _permit: permit,
+            bytes: i64::from(n),
+            metrics: self.metrics.clone(),
+        })
+    }
+
+    /// Builds the script call for one frame of one device.
+    pub(crate) fn prepare(
+        &self,
+        keys: &ShardKeys,
+        imei: &Imei,
+        codec: Codec,
+        port: u16,
+        records: &[AvlRecord],
+        recv_ms: u64,
+    ) -> Arc<StoreCall> {
+        let partition = keys::partition_of(imei, keys.partitions);
+        let mut call_keys = Vec::with_capacity(records.len() + 1);
+        call_keys.push(keys::readings_key(&keys.prefix, &keys.pool, partition));
+        let mut args = Vec::with_capacity(6 + 10 * records.len());
+        args.extend([
+            keys.max_len.to_string(),
+            self.dedup_ttl_ms.to_string(),
+            imei.as_str().to_owned(),
+            codec.label().to_owned(),
+            port.to_string(),
+            recv_ms.to_string(),
+        ]);
+        for record in records {
+            call_keys.push(keys::dedup_key(
+                &keys.prefix,
+                &keys.pool,
+                partition,
+                imei.as_str(),
+                record.fingerprint(),
+            ));
+            args.extend(record.fields().into_iter().map(|(_, value)| value));
+        }
+        Arc::new(StoreCall {
+            keys: call_keys,
+            args,
+        })
+    }
+
+    /// Stores one frame's records (one attempt). `Ok(n)`: every record is in Redis, `n` of them
+    /// were new (the rest were resends).
+    pub(crate) async fn store(&self, call: &Arc<StoreCall>) -> Result<u32, PublishError> {
+        let (reply, result) = oneshot::channel();
+        self.jobs
+            .send(Job {
+                call: Arc::clone(call),
+                reply,
+            })
+            .await
+            .map_err(|_| PublishError::Stopped)?;
+        result.await.unwrap_or(Err(PublishError::Stopped))
+    }
+
+    /// Queues an event for `<prefix>:{<pool>}:events` (best effort).
+    pub(crate) fn event(&self, keys: &ShardKeys, port: u16, peer: &str, event: Event<'_>) {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(keys::events_key(&keys.prefix, &keys.pool))
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(EVENTS_MAX_LEN)
+            .arg("*");
+        let kind = match event {
+            Event::Connect => "connect",
+            Event::Login { imei, result } => {
+                cmd.arg("imei").arg(imei).arg("result").arg(result);
+                if result == "accepted" {
+                    "login_accepted"
+                } else {
+                    "login_refused"
+                }
+            }
+            Event::Disconnect { imei, reason } => {
+                if let Some(imei) = imei {
+                    cmd.arg("imei").arg(imei);
+                }
+                cmd.arg("reason").arg(reason);
+                "disconnect"
+            }
+            Event::DecodeError { imei, reason } => {
+                if let Some(imei) = imei {
+                    cmd.arg("imei").arg(imei);
+                }
+                cmd.arg("reason").arg(reason);
+                "decode_error"
+            }
+            Event::Command {
+                imei,
+                codec,
+                kind,
+                payload_hex,
+            } => {
+                cmd.arg("imei")
+                    .arg(imei)
+                    .arg("codec")
+                    .arg(codec)
+                    .arg("type")
+                    .arg(kind)
+                    .arg("payload")
+                    .arg(payload_hex);
+                "command_response"
+            }
+        };
+        cmd.arg("kind")
+            .arg(kind)
+            .arg("port")
+            .arg(port)
+            .arg("peer")
+            .arg(peer)
+            .arg("pod")
+            .arg(&*self.pod)
+            .arg("ts")
+            .arg(now_ms());
+        self.side_write(cmd, &keys.pool);
+    }
+
+    /// Updates the device's entry in `<prefix>:{<pool>}:devices` (best effort): a JSON object
+    /// `{"connected","lastSeen","pod","port"}`.
+    pub(crate) fn device_state(&self, keys: &ShardKeys, imei: &str, port: u16, connected: bool) {
+        let state = serde_json::json!({
+            "connected": connected,
+            "lastSeen": now_ms(),
+            "pod": &*self.pod,
+            "port": port,
+        });
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(keys::devices_key(&keys.prefix, &keys.pool))
+            .arg(imei)
+            .arg(state.to_string());
+        self.side_write(cmd, &keys.pool);
+    }
+
+    fn side_write(&self, cmd: Cmd, pool: &str) {
+        let write = SideWrite {
+            cmd,
+            pool: pool.into(),
+        };
+        if self.side.try_send(write).is_err() {
+            self.metrics.events_dropped.with_label_values(&[pool]).inc();
+        }
+    }
+}
+
+// === Publisher ===
+
+struct Publisher {
+    conn: ConnectionManager,
+    script: Script,
+    jobs: mpsc::Receiver<Job>,
+    side: mpsc::Receiver<SideWrite>,
+    health: Health,
+    heartbeat: Arc<Heartbeat>,
+    response_timeout: Duration,
+    metrics: Metrics,
+}
+
+impl Publisher {
+    async fn run(mut self, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut busy = false;
+        loop {
+            self.heartbeat.beat();
+            let mut jobs = Vec::new();
+            let mut side = Vec::new();
+            tokio::select! {
+                biased;
+                job = self.jobs.recv() => match job {
+                    Some(job) => jobs.push(job),
+                    None => break,
+                },
+                write = self.side.recv() => if let Some(write) = write { side.push(write) },
+                _ = tick.tick() => {
+                    // Readiness tracks Redis even when no device is sending.
+                    if !busy {
+                        self.ping().await;
+                    }
+                    busy = false;
+                    continue;
+                }
+                () = stop.cancelled() => break,
+            }
+            busy = true;
+            while jobs.len() < MAX_BATCH_CALLS {
+                match self.jobs.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+            while side.len() < MAX_BATCH_CALLS {
+                match self.side.try_recv() {
+                    Ok(write) => side.push(write),
+                    Err(_) => break,
+                }
+            }
+            self.send_batch(jobs, side).await;
+        }
+        // Shutdown: whatever is still queued gets a definite answer (no ack).
+        self.jobs.close();
+        while let Ok(job) = self.jobs.try_recv() {
+            let _ = job.reply.send(Err(PublishError::Stopped));
+        }
+    }
+
+    async fn ping(&mut self) {
+        let ping = redis::cmd("PING");
+        let result = tokio::time::timeout(
+            self.response_timeout,
+            ping.query_async::<String>(&mut self.conn),
+        )
+        .await;
+        self.health
+            .set_ready(REDIS_READY, matches!(result, Ok(Ok(_))));
+    }
+
+    async fn send_batch(&mut self, jobs: Vec<Job>, side: Vec<SideWrite>) {
+        let cmds: Vec<Cmd> = jobs
+            .iter()
+            .map(|j| j.call.cmd(&self.script))
+            .chain(side.iter().map(|w| w.cmd.clone()))
+            .collect();
+        let mut results = match self.pipeline(&cmds).await {
+            Ok(results) => results,
+            Err(err) => {
+                for job in jobs {
+                    let _ = job.reply.send(Err(err.clone()));
+                }
+                for write in &side {
+                    self.metrics
+                        .events_dropped
+                        .with_label_values(&[&*write.pool])
+                        .inc();
+                }
+                return;
+            }
+        };
+        results.truncate(jobs.len());
+        // After a Redis restart the script cache is empty: load it once and resend the calls
+        // that hit NOSCRIPT (safe to repeat: the script is idempotent per record).
+        let noscript: Vec<usize> = results
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| is_noscript(r))
+            .map(|(i, _)| i)
+            .collect();
+        if !noscript.is_empty() {
+            let retry = self.load_script().await.map(|()| {
+                noscript
+                    .iter()
+                    .map(|&i| jobs[i].call.cmd(&self.script))
+                    .collect::<Vec<Cmd>>()
+            });
+            let retried = match retry {
+                Ok(cmds) => self.pipeline(&cmds).await,
+                Err(err) => Err(err),
+            };
+            for (k, &i) in noscript.iter().enumerate() {
+                results[i] = match &retried {
+                    Ok(values) => values
+                        .get(k)
+                        .cloned()
+                        .unwrap_or_else(|| Err(missing_reply())),
+                    Err(err) => Err(redis::RedisError::from((
+                        redis::ErrorKind::Io,
+                        "script reload failed",
+                        err.to_string(),
+                    ))),
+                };
+            }
+        }
+        for (job, result) in jobs.into_iter().zip(results) {
+            let outcome = match result {
+                Ok(Value::Int(n)) => Ok(u32::try_from(n).unwrap_or(0)),
+                Ok(other) => Err(PublishError::Server(format!(
+                    "unexpected script reply {other:?}"
+                ))),
+                Err(err) => Err(PublishError::from_redis(&err)),
+            };
+            let _ = job.reply.send(outcome);
+        }
+    }
+
+    async fn pipeline(&mut self, cmds: &[Cmd]) -> Result<Vec<RedisResult<Value>>, PublishError> {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for cmd in cmds {
+            pipe.add_command(cmd.clone());
+        }
+        let result = tokio::time::timeout(
+            self.response_timeout,
+            pipe.query_async::<Vec<RedisResult<Value>>>(&mut self.conn),
+        )
+        .await;
+        let outcome = match result {
+            Ok(Ok(values)) if values.len() == cmds.len() => Ok(values),
+            Ok(Ok(_)) => Err(PublishError::Server("short pipeline reply".to_owned())),
+            Ok(Err(err)) => Err(PublishError::from_redis(&err)),
+            Err(_) => Err(PublishError::Timeout),
+        };
+        let reachable = !matches!(
+            outcome,
+            Err(PublishError::Timeout | PublishError::Connection(_))
+        );
+        self.health.set_ready(REDIS_READY, reachable);
+        outcome
+    }
+
+    async fn load_script(&mut self) -> Result<(), PublishError> {
+        let load = self.script.prepare_invoke();
+        match tokio::time::timeout(self.response_timeout, load.load_async(&mut self.conn)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(err)) => Err(PublishError::from_redis(&err)),
+            Err(_) => Err(PublishError::Timeout),
+        }
+    }
+}
+
+fn is_noscript(result: &RedisResult<Value>) -> bool {
+    matches!(result, Err(err) if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
+}
+
+fn missing_reply() -> redis::RedisError {
+    redis::RedisError::from((redis::ErrorKind::Io, "missing pipeline reply"))
+}
