@@ -30,47 +30,32 @@ impl<'a> Reader<'a> {
         self.end - self.pos
     }
 
+    /// The next `N` bytes.
     #[inline]
-    fn take<const N: usize>(&mut self) -> Result<[u8; N], FrameError> {
-        let truncated = FrameError::Truncated { offset: self.pos };
-        let stop = self.pos.checked_add(N).ok_or(truncated.clone())?;
-        if stop > self.end {
-            return Err(truncated);
+    pub(crate) fn array<const N: usize>(&mut self) -> Result<[u8; N], FrameError> {
+        let window = self.buf.get(self.pos..self.end).unwrap_or_default();
+        match window.first_chunk::<N>() {
+            Some(a) => {
+                self.pos += N;
+                Ok(*a)
+            }
+            None => Err(FrameError::Truncated { offset: self.pos }),
         }
-        let mut out = [0u8; N];
-        out.copy_from_slice(self.buf.get(self.pos..stop).ok_or(truncated)?);
-        self.pos = stop;
-        Ok(out)
     }
 
     #[inline]
     pub(crate) fn u8(&mut self) -> Result<u8, FrameError> {
-        Ok(self.take::<1>()?[0])
+        self.array().map(u8::from_be_bytes)
     }
 
     #[inline]
     pub(crate) fn u16(&mut self) -> Result<u16, FrameError> {
-        self.take().map(u16::from_be_bytes)
+        self.array().map(u16::from_be_bytes)
     }
 
     #[inline]
     pub(crate) fn u32(&mut self) -> Result<u32, FrameError> {
-        self.take().map(u32::from_be_bytes)
-    }
-
-    #[inline]
-    pub(crate) fn u64(&mut self) -> Result<u64, FrameError> {
-        self.take().map(u64::from_be_bytes)
-    }
-
-    #[inline]
-    pub(crate) fn i16(&mut self) -> Result<i16, FrameError> {
-        self.take().map(i16::from_be_bytes)
-    }
-
-    #[inline]
-    pub(crate) fn i32(&mut self) -> Result<i32, FrameError> {
-        self.take().map(i32::from_be_bytes)
+        self.array().map(u32::from_be_bytes)
     }
 
     /// The next `n` bytes as a zero-copy slice of the frame.
