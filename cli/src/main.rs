@@ -3,6 +3,8 @@
 
 use clap::{Parser, Subcommand};
 
+mod simulate;
+
 #[derive(Parser)]
 #[command(name = "trackgate", version, about = "Kubernetes-native gateway for raw-TCP GPS trackers")]
 struct Cli {
@@ -11,9 +13,14 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-enum Command {}
+enum Command {
+    /// Simulate Teltonika devices against a listener; report rate and latency; verify Redis.
+    Simulate(simulate::SimulateArgs),
+}
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    match cli.command {}
+    match cli.command {
+        Command::Simulate(args) => simulate::run_simulate(args),
+    }
 }
