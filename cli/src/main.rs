@@ -16,11 +16,24 @@ struct Cli {
 enum Command {
     /// Simulate Teltonika devices against a listener; report rate and latency; verify Redis.
     Simulate(simulate::SimulateArgs),
+    /// Serve a listener shard: device ports, Redis Streams (URL from TRACKGATE_REDIS_URL),
+    /// /metrics /livez /readyz on the admin address; SIGTERM shuts down gracefully.
+    Listen {
+        /// The shard config file (shard.json); reloaded when it changes.
+        #[arg(long)]
+        config: std::path::PathBuf,
+        /// Address of the admin server.
+        #[arg(long, default_value = "0.0.0.0:9090")]
+        admin_addr: std::net::SocketAddr,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Simulate(args) => simulate::run_simulate(args),
+        Command::Listen { config, admin_addr } => tokio::runtime::Runtime::new()?
+            .block_on(trackgate_listener::run(config, admin_addr))
+            .map_err(Into::into),
     }
 }
