@@ -21,10 +21,15 @@ pub fn readings_key(prefix: &str, pool: &str, partition: u32) -> String {
     format!("{prefix}:{{{pool}:{partition}}}:readings")
 }
 
-/// `<prefix>:{<pool>:<n>}:seen:<imei>:<fingerprint as 16 hex digits>`: marks one record as
-/// stored for the dedup window.
-pub fn dedup_key(prefix: &str, pool: &str, partition: u32, imei: &str, fingerprint: u64) -> String {
-    format!("{prefix}:{{{pool}:{partition}}}:seen:{imei}:{fingerprint:016x}")
+/// `<prefix>:{<pool>:<n>}:seen:<imei>`: the device's recent record fingerprints (a sorted
+/// set, the dedup window), in the same hash slot as the device's readings stream.
+pub fn seen_key(prefix: &str, pool: &str, partition: u32, imei: &str) -> String {
+    format!("{prefix}:{{{pool}:{partition}}}:seen:{imei}")
+}
+
+/// A fingerprint as the member of [`seen_key`]'s set: 16 lowercase hex digits.
+pub fn fingerprint_member(fingerprint: u64) -> String {
+    format!("{fingerprint:016x}")
 }
 
 /// `<prefix>:{<pool>}:events`: connect, login accepted/refused, disconnect, decode error,
@@ -49,9 +54,10 @@ mod tests {
             "trackgate:{fleet:3}:readings"
         );
         assert_eq!(
-            dedup_key("trackgate", "fleet", 3, "356307042441013", 0xab),
-            "trackgate:{fleet:3}:seen:356307042441013:00000000000000ab"
+            seen_key("trackgate", "fleet", 3, "356307042441013"),
+            "trackgate:{fleet:3}:seen:356307042441013"
         );
+        assert_eq!(fingerprint_member(0xab), "00000000000000ab");
         assert_eq!(events_key("tg", "fleet"), "tg:{fleet}:events");
         assert_eq!(devices_key("tg", "fleet"), "tg:{fleet}:devices");
     }

@@ -58,9 +58,12 @@ pub struct ListenerOptions {
     pub redis_timeout: Duration,
     /// Global cap on bytes of received frames waiting for Redis (backpressure).
     pub max_inflight_bytes: usize,
-    /// How long a stored record is remembered for dedup. A device resends an unacked record
-    /// on its next connection, normally within minutes; a day covers long coverage gaps.
-    pub dedup_window: Duration,
+    /// Dedup window: how many of each device's newest records are remembered. A device sends
+    /// one frame and waits for its ack, so a stored-but-unacked record is always among its
+    /// newest. 128 keeps the per-device set a compact listpack in Redis (~4.2 KB per device).
+    pub dedup_records: u32,
+    /// A device's dedup set expires this long after its last stored record.
+    pub dedup_ttl: Duration,
     /// `/livez` fails when an accept loop, the publisher or the runtime is silent this long.
     pub liveness_max_silence: Duration,
 }
@@ -76,7 +79,8 @@ impl Default for ListenerOptions {
             publish_retry_for: Duration::from_secs(10),
             redis_timeout: Duration::from_secs(2),
             max_inflight_bytes: 64 * 1024 * 1024,
-            dedup_window: Duration::from_secs(24 * 3600),
+            dedup_records: 128,
+            dedup_ttl: Duration::from_secs(7 * 24 * 3600),
             liveness_max_silence: Duration::from_secs(15),
         }
     }
@@ -202,7 +206,8 @@ impl Listener {
                 pod: options.pod_name.clone(),
                 response_timeout: options.redis_timeout,
                 max_inflight_bytes: options.max_inflight_bytes,
-                dedup_window: options.dedup_window,
+                dedup_records: options.dedup_records,
+                dedup_ttl: options.dedup_ttl,
                 heartbeat_max_silence: options.liveness_max_silence,
             },
             metrics.clone(),

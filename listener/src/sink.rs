@@ -10,17 +10,22 @@
 //! [`MAX_BATCH_CALLS`]) and sends it as one pipeline, so a busy listener makes one round trip
 //! for many frames. Each session awaits its own frame's result and acks only on `Ok`.
 //!
-//! Dedup is atomic with the XADD: the `store_readings` script checks one marker key per record
-//! (`<prefix>:{<pool>:<n>}:seen:<imei>:<fingerprint>`), XADDs the records that have none, then
-//! sets the marker with a TTL (the dedup window). All keys of a call share the partition's
-//! hash tag, so the script is valid on Redis Cluster. The XADD happens before the SET: a failing
-//! XADD aborts the script before the marker is written, so a marker never exists for a record
-//! that is not in the stream.
+//! Dedup is atomic with the XADD: the `store_readings` script checks each record's
+//! fingerprint against the device's recent-fingerprint set
+//! (`<prefix>:{<pool>:<n>}:seen:<imei>`, a sorted set scored by arrival), XADDs the records not
+//! in it and adds their fingerprints, first trimming the set so that it holds at most the
+//! newest `dedup_records` (unless one frame alone is larger). Both keys share the partition's hash tag, so the script is
+//! valid on Redis Cluster. The XADD comes before the ZADD: a failing XADD aborts the script
+//! before its fingerprint is remembered, so a remembered record is always in the stream.
 //!
-//! NB: per-record marker keys with a TTL rather than one sorted set per partition: expiry is
-//! Redis's own job (no trimming step inside every call, no unbounded ZSET when trimming lags),
-//! each call is O(records), and the cost is one small key per record for the window (measured
-//! in docs/architecture.md, ~100 bytes). A ZSET costs about the same per member.
+//! NB: the window is the device's last N records, not a time span. A Teltonika device sends
+//! one frame and waits for its ack, so a record that was stored but not acked is always among
+//! the newest records of that device when it comes back, however long the device was away.
+//! Bounding by count makes the cost per device fixed (~4.2 KB at N = 128, measured with
+//! Redis 7.0: the set stays a listpack up to `zset-max-listpack-entries` = 128) instead of
+//! growing with traffic: one marker key per record with a TTL costs ~150 B per record (the
+//! same as the stream entry itself), i.e. gigabytes per day for a large fleet. The set expires
+//! `dedup_ttl` after the device's last stored record, so removed devices leave nothing behind.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -51,29 +56,39 @@ const EVENTS_MAX_LEN: u64 = 100_000;
 pub(crate) const REDIS_READY: &str = "redis";
 
 const STORE_READINGS: &str = r"
--- KEYS[1]: readings stream; KEYS[2..]: one dedup marker per record, in record order.
--- ARGV: maxlen, ttl_ms, imei, codec, port, recv, then 10 values per record.
+-- KEYS[1]: readings stream; KEYS[2]: the device's recent-fingerprint set.
+-- ARGV: maxlen, window (records), ttl_ms, imei, codec, port, recv,
+--       then per record: fingerprint and the 10 field values.
 -- Returns how many records were new (added to the stream).
 local names = {'ts','lat','lon','alt','angle','sats','speed','priority','event','io'}
-local added = 0
-local a = 7
-for i = 2, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 0 then
-    local e = {'imei', ARGV[3]}
-    for j = 1, 10 do
-      e[#e + 1] = names[j]
-      e[#e + 1] = ARGV[a + j - 1]
-    end
-    e[#e + 1] = 'codec'; e[#e + 1] = ARGV[4]
-    e[#e + 1] = 'port'; e[#e + 1] = ARGV[5]
-    e[#e + 1] = 'recv'; e[#e + 1] = ARGV[6]
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(e))
-    redis.call('SET', KEYS[i], '1', 'PX', ARGV[2])
-    added = added + 1
+local new, pending = {}, {}
+for a = 8, #ARGV, 11 do
+  local fp = ARGV[a]
+  if not pending[fp] and not redis.call('ZSCORE', KEYS[2], fp) then
+    pending[fp] = true
+    new[#new + 1] = a
   end
-  a = a + 10
 end
-return added
+if #new == 0 then
+  return 0
+end
+-- Make room first, so the set never exceeds the window and stays a compact listpack.
+local room = math.max(tonumber(ARGV[2]) - #new, 0)
+redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(room + 1))
+for seq, a in ipairs(new) do
+  local e = {'imei', ARGV[4]}
+  for j = 1, 10 do
+    e[#e + 1] = names[j]
+    e[#e + 1] = ARGV[a + j]
+  end
+  e[#e + 1] = 'codec'; e[#e + 1] = ARGV[5]
+  e[#e + 1] = 'port'; e[#e + 1] = ARGV[6]
+  e[#e + 1] = 'recv'; e[#e + 1] = ARGV[7]
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(e))
+  redis.call('ZADD', KEYS[2], string.format('%d', tonumber(ARGV[7]) * 1000 + seq), ARGV[a])
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return #new
 ";
 
 /// Publisher settings.
@@ -83,7 +98,8 @@ pub(crate) struct SinkOptions {
     pub(crate) pod: String,
     pub(crate) response_timeout: Duration,
     pub(crate) max_inflight_bytes: usize,
-    pub(crate) dedup_window: Duration,
+    pub(crate) dedup_records: u32,
+    pub(crate) dedup_ttl: Duration,
     pub(crate) heartbeat_max_silence: Duration,
 }
 
@@ -169,6 +185,7 @@ pub(crate) struct Sink {
     inflight_cap: u32,
     metrics: Metrics,
     pod: Arc<str>,
+    dedup_records: u32,
     dedup_ttl_ms: u64,
 }
 
@@ -235,7 +252,8 @@ impl Sink {
             inflight_cap: cap,
             metrics,
             pod: options.pod.as_str().into(),
-            dedup_ttl_ms: u64::try_from(options.dedup_window.as_millis()).unwrap_or(u64::MAX),
+            dedup_records: options.dedup_records.max(1),
+            dedup_ttl_ms: u64::try_from(options.dedup_ttl.as_millis()).unwrap_or(u64::MAX),
         };
         Ok((sink, task))
     }
@@ -266,11 +284,14 @@ impl Sink {
         recv_ms: u64,
     ) -> Arc<StoreCall> {
         let partition = keys::partition_of(imei, keys.partitions);
-        let mut call_keys = Vec::with_capacity(records.len() + 1);
-        call_keys.push(keys::readings_key(&keys.prefix, &keys.pool, partition));
-        let mut args = Vec::with_capacity(6 + 10 * records.len());
+        let call_keys = vec![
+            keys::readings_key(&keys.prefix, &keys.pool, partition),
+            keys::seen_key(&keys.prefix, &keys.pool, partition, imei.as_str()),
+        ];
+        let mut args = Vec::with_capacity(7 + 11 * records.len());
         args.extend([
             keys.max_len.to_string(),
+            self.dedup_records.to_string(),
             self.dedup_ttl_ms.to_string(),
             imei.as_str().to_owned(),
             codec.label().to_owned(),
@@ -278,13 +299,7 @@ impl Sink {
             recv_ms.to_string(),
         ]);
         for record in records {
-            call_keys.push(keys::dedup_key(
-                &keys.prefix,
-                &keys.pool,
-                partition,
-                imei.as_str(),
-                record.fingerprint(),
-            ));
+            args.push(keys::fingerprint_member(record.fingerprint()));
             args.extend(record.fields().into_iter().map(|(_, value)| value));
         }
         Arc::new(StoreCall {

@@ -82,14 +82,23 @@ fn dedicated(ports: &[u16], imeis: &[&str]) -> ShardConfig {
 
 impl Harness {
     async fn start(config: ShardConfig) -> Option<Self> {
+        Self::start_with(config, |_| {}).await
+    }
+
+    async fn start_with(
+        config: ShardConfig,
+        tweak: impl FnOnce(&mut ListenerOptions),
+    ) -> Option<Self> {
         let redis = RedisServer::start()?;
+        let mut options = options(&redis);
+        tweak(&mut options);
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("shard.json");
         std::fs::write(&config_path, config.to_json()).unwrap();
         let registry = Registry::new();
         let health = Health::new();
         let listener = Listener::start(
-            options(&redis),
+            options,
             vec![ShardSource::File(config_path.clone())],
             &registry,
             health.clone(),
@@ -609,6 +618,53 @@ async fn resent_and_repacked_records_are_stored_once() {
         ),
         5.0
     );
+    assert!(h.shutdown().await);
+}
+
+/// The dedup set holds at most the window of newest fingerprints (so it stays a compact
+/// listpack), and a resend of the newest frame is still recognised after trimming.
+#[tokio::test]
+async fn dedup_set_is_bounded_by_the_window() {
+    let ports = free_ports(1);
+    let Some(h) = Harness::start_with(dedicated(&ports, &IMEIS[..1]), |o| {
+        o.dedup_records = 4;
+    })
+    .await
+    else {
+        return;
+    };
+    let mut device = Device::logged_in(h.addr(ports[0]), IMEIS[0]).await;
+    for start in [0, 3, 6] {
+        device
+            .send_packet(&packet(Codec::Codec8, start..start + 3))
+            .await;
+        assert_eq!(device.ack().await, Some(3));
+    }
+    device.send_packet(&packet(Codec::Codec8, 6..9)).await;
+    assert_eq!(device.ack().await, Some(3));
+    assert_eq!(h.readings(IMEIS[0]).await.len(), 9);
+    let imei = Imei::parse(IMEIS[0]).unwrap();
+    let seen = keys::seen_key("trackgate", POOL, keys::partition_of(&imei, 4), IMEIS[0]);
+    let mut redis = h.redis().await;
+    let card: u32 = redis::cmd("ZCARD")
+        .arg(&seen)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(card, 4);
+    let encoding: String = redis::cmd("OBJECT")
+        .arg("ENCODING")
+        .arg(&seen)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(encoding, "listpack");
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&seen)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(ttl > 0, "the dedup set has no expiry");
     assert!(h.shutdown().await);
 }
 
