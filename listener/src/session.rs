@@ -386,3 +386,142 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
             s
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::PublishError;
+    use tokio::io::DuplexStream;
+    use tokio::sync::mpsc;
+    use trackgate_protocol::{AvlRecord, Codec, encode_avl, encode_login};
+
+    const IMEI: &str = "356307042441013";
+
+    type ViewSender = watch::Sender<Arc<ShardView>>;
+
+    fn context(sink: Sink, metrics: Metrics) -> (Arc<ShardContext>, ViewSender) {
+        let config = trackgate_api::ShardConfig::from_json(&format!(
+            r#"{{"pool":"p","shard":0,"mode":"dedicated","ports":[{{"port":5000,"imei":"{IMEI}"}}],
+               "limits":{{"idleTimeoutSeconds":30}}}}"#
+        ))
+        .unwrap();
+        // The sender stays with the test: a session reads a closed view channel as shutdown.
+        let (tx, view) = watch::channel(Arc::new(ShardView::new(config)));
+        let ctx = Arc::new(ShardContext {
+            pool: "p".into(),
+            shard: "0".into(),
+            view,
+            sink,
+            metrics,
+            stop: CancellationToken::new(),
+            publish_retry_for: Duration::from_secs(1),
+        });
+        (ctx, tx)
+    }
+
+    async fn logged_in(
+        ctx: Arc<ShardContext>,
+    ) -> (DuplexStream, tokio::task::JoinHandle<CloseReason>) {
+        let (mut device, server) = tokio::io::duplex(64 * 1024);
+        let peer: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        let task = tokio::spawn(run(server, peer, 5000, ctx));
+        let mut login = BytesMut::new();
+        encode_login(&Imei::parse(IMEI).unwrap(), &mut login);
+        device.write_all(&login).await.unwrap();
+        let mut reply = [0u8; 1];
+        device.read_exact(&mut reply).await.unwrap();
+        assert_eq!(reply, [1]);
+        (device, task)
+    }
+
+    fn frame(records: usize) -> BytesMut {
+        let record = AvlRecord {
+            timestamp_ms: 1_700_000_000_000,
+            priority: 0,
+            longitude: 1,
+            latitude: -1,
+            altitude: 0,
+            angle: 0,
+            satellites: 4,
+            speed: 0,
+            event_id: 0,
+            generation_type: None,
+            io: vec![],
+        };
+        let packet = AvlPacket {
+            codec: Codec::Codec8,
+            records: vec![record; records],
+        };
+        let mut buf = BytesMut::new();
+        encode_avl(&packet, &mut buf).unwrap();
+        buf
+    }
+
+    fn setup() -> (
+        Arc<ShardContext>,
+        mpsc::Receiver<crate::sink::Job>,
+        ViewSender,
+    ) {
+        let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
+        let (sink, jobs) = Sink::for_test(metrics.clone());
+        let (ctx, view) = context(sink, metrics);
+        (ctx, jobs, view)
+    }
+
+    /// Regression guard for the no-loss rule: nothing is written back before the sink answers.
+    #[tokio::test]
+    async fn the_ack_waits_for_the_store() {
+        let (ctx, mut jobs, _view) = setup();
+        let (mut device, _task) = logged_in(ctx).await;
+        device.write_all(&frame(2)).await.unwrap();
+        let job = jobs.recv().await.unwrap();
+        assert_eq!(job.call.records(), 2);
+        let mut ack = [0u8; 4];
+        let early = tokio::time::timeout(Duration::from_millis(100), device.read(&mut ack)).await;
+        assert!(early.is_err(), "acked before the store finished");
+        job.reply.send(Ok(2)).unwrap();
+        device.read_exact(&mut ack).await.unwrap();
+        assert_eq!(ack, encode_ack(2));
+    }
+
+    /// A frame Redis keeps refusing is retried within the bound, then the session closes with
+    /// no ack at all.
+    #[tokio::test(start_paused = true)]
+    async fn a_frame_never_stored_is_never_acked() {
+        let (ctx, mut jobs, _view) = setup();
+        let (mut device, task) = logged_in(ctx).await;
+        device.write_all(&frame(1)).await.unwrap();
+        let mut attempts = 0;
+        while let Some(job) = jobs.recv().await {
+            attempts += 1;
+            let _ = job.reply.send(Err(PublishError::Timeout));
+            if task.is_finished() {
+                break;
+            }
+        }
+        assert_eq!(task.await.unwrap(), CloseReason::PublishFailed);
+        assert!(attempts > 1, "no retry before giving up");
+        let mut rest = Vec::new();
+        device.read_to_end(&mut rest).await.unwrap();
+        assert!(
+            rest.is_empty(),
+            "bytes written after a failed store: {rest:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keep_alives_are_absorbed_and_silence_ends_the_session() {
+        let (ctx, _jobs, _view) = setup();
+        let (mut device, task) = logged_in(ctx).await;
+        device.write_all(&[0xFF]).await.unwrap();
+        assert_eq!(task.await.unwrap(), CloseReason::IdleTimeout);
+        let mut rest = Vec::new();
+        device.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+    }
+
+    #[tokio::test]
+    async fn hex_is_lowercase_and_padded() {
+        assert_eq!(hex(&[0x00, 0xAB, 0x0f]), "00ab0f");
+    }
+}

@@ -131,6 +131,12 @@ pub(crate) struct StoreCall {
 }
 
 impl StoreCall {
+    /// Number of records in the call.
+    #[cfg(test)]
+    pub(crate) fn records(&self) -> usize {
+        self.args.len().saturating_sub(7) / 11
+    }
+
     fn cmd(&self, script: &Script) -> Cmd {
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(script.get_hash())
@@ -141,9 +147,9 @@ impl StoreCall {
     }
 }
 
-struct Job {
-    call: Arc<StoreCall>,
-    reply: oneshot::Sender<Result<u32, PublishError>>,
+pub(crate) struct Job {
+    pub(crate) call: Arc<StoreCall>,
+    pub(crate) reply: oneshot::Sender<Result<u32, PublishError>>,
 }
 
 struct SideWrite {
@@ -256,6 +262,24 @@ impl Sink {
             dedup_ttl_ms: u64::try_from(options.dedup_ttl.as_millis()).unwrap_or(u64::MAX),
         };
         Ok((sink, task))
+    }
+
+    /// A sink whose publisher is the test: it receives every store call and answers it.
+    #[cfg(test)]
+    pub(crate) fn for_test(metrics: Metrics) -> (Self, mpsc::Receiver<Job>) {
+        let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
+        let (side, _) = mpsc::channel(1);
+        let sink = Sink {
+            jobs,
+            side,
+            inflight: Arc::new(Semaphore::new(1 << 20)),
+            inflight_cap: 1 << 20,
+            metrics,
+            pod: "test".into(),
+            dedup_records: 128,
+            dedup_ttl_ms: 1000,
+        };
+        (sink, rx)
     }
 
     /// Waits until `bytes` fit under the global in-flight cap. `None` only when the
