@@ -3,10 +3,15 @@
 
 use clap::{Parser, Subcommand};
 
+mod decode;
 mod simulate;
 
 #[derive(Parser)]
-#[command(name = "trackgate", version, about = "Kubernetes-native gateway for raw-TCP GPS trackers")]
+#[command(
+    name = "trackgate",
+    version,
+    about = "Kubernetes-native gateway for raw-TCP GPS trackers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -14,6 +19,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Decode a Teltonika packet given as hex (argument or stdin) and print it as JSON.
+    Decode(decode::DecodeArgs),
     /// Simulate Teltonika devices against a listener; report rate and latency; verify Redis.
     Simulate(simulate::SimulateArgs),
     /// Serve a listener shard: device ports, Redis Streams (URL from TRACKGATE_REDIS_URL),
@@ -26,14 +33,31 @@ enum Command {
         #[arg(long, default_value = "0.0.0.0:9090")]
         admin_addr: std::net::SocketAddr,
     },
+    /// Run the Kubernetes operator: reconcile TrackerPortPools into listener shards, with
+    /// leader election (Lease `trackgate-operator` in $POD_NAMESPACE) and /metrics /livez /readyz.
+    Operator {
+        /// Address of the admin server.
+        #[arg(long, default_value = "0.0.0.0:8080")]
+        admin_addr: std::net::SocketAddr,
+    },
+    /// Print the TrackerPortPool CustomResourceDefinition as YAML.
+    Crd,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Decode(args) => decode::run(args),
         Command::Simulate(args) => simulate::run_simulate(args),
         Command::Listen { config, admin_addr } => tokio::runtime::Runtime::new()?
             .block_on(trackgate_listener::run(config, admin_addr))
             .map_err(Into::into),
+        Command::Operator { admin_addr } => tokio::runtime::Runtime::new()?
+            .block_on(trackgate_operator::run(admin_addr))
+            .map_err(Into::into),
+        Command::Crd => {
+            print!("{}", trackgate_operator::crd_yaml());
+            Ok(())
+        }
     }
 }

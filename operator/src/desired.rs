@@ -1,0 +1,721 @@
+//! PURE: (pool, allocation) → the objects that should exist. No client, no clock.
+//!
+//! Per shard `n` of pool `p` (all named `p-shard-n`, owned by the pool):
+//! - a ConfigMap: `shard.json` (the listener's config) and `allocation.txt` (the persisted
+//!   allocation table, read back on the next reconcile);
+//! - a Deployment: the listener, its ConfigMap mounted at `/etc/trackgate/`. Device ports are
+//!   deliberately NOT listed as container ports, so adding a device only changes the ConfigMap
+//!   (which the listener reloads) and never rolls the pods;
+//! - a Service of the exposure type (none for `HostNetwork`);
+//! - a PodDisruptionBudget of one unavailable replica.
+//!
+//! Every object carries a hash of its own content in an annotation; the controller skips the
+//! apply when the live object already carries the same hash, so an unchanged pool makes no
+//! writes at all.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::{Resource, ResourceExt};
+use serde::Serialize;
+use serde_json::json;
+use trackgate_api::shard_config::{REDIS_URL_ENV, SHARD_CONFIG_FILE};
+use trackgate_api::{
+    ExposureType, IdentificationMode, PortBinding, ShardConfig, TrackerPortPool,
+    TrackerPortPoolSpec,
+};
+
+use crate::allocate::{self, ALLOCATION_TABLE_FILE, Allocation, Layout, PoolDevice, Previous};
+
+/// Field manager of every server-side apply.
+pub const FIELD_MANAGER: &str = "trackgate-operator";
+/// Label naming the pool on every child.
+pub const POOL_LABEL: &str = "trackgate.dev/pool";
+/// Label naming the shard index on every child.
+pub const SHARD_LABEL: &str = "trackgate.dev/shard";
+/// Annotation holding the hash of the applied content.
+pub const HASH_ANNOTATION: &str = "trackgate.dev/applied-hash";
+/// Listener admin port (`/metrics`, `/livez`, `/readyz`).
+pub const ADMIN_PORT: i32 = 9090;
+/// Where the shard ConfigMap is mounted.
+pub const CONFIG_DIR: &str = "/etc/trackgate";
+/// Time a listener gets after SIGTERM: it stops accepting, finishes the packets in flight
+/// (each bounded by the Redis publish timeout) and closes. 45 s covers a slow Redis twice.
+pub const TERMINATION_GRACE: Duration = Duration::from_secs(45);
+/// Listeners an AWS Network Load Balancer accepts; past it the Service never gets an address.
+pub const NLB_LISTENER_LIMIT: usize = 50;
+
+/// Why a pool cannot be turned into objects. These are spec errors: the pool gets `Degraded`
+/// and the operator waits for a change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SpecError {
+    /// A `devicesFrom` ConfigMap or key is missing.
+    #[error("devicesFrom: ConfigMap {config_map} has no key {key}")]
+    MissingDeviceSource {
+        /// ConfigMap name.
+        config_map: String,
+        /// Key.
+        key: String,
+    },
+    /// A `devicesFrom` list holds something that is not an IMEI.
+    #[error("devicesFrom: ConfigMap {config_map} key {key}: {source}")]
+    BadDeviceSource {
+        /// ConfigMap name.
+        config_map: String,
+        /// Key.
+        key: String,
+        /// The bad line.
+        source: allocate::LineError,
+    },
+    /// A rule the schema does not check (older CRD installed, or `trackgate run` on a file).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl SpecError {
+    /// The condition reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::MissingDeviceSource { .. } | Self::BadDeviceSource { .. } => {
+                trackgate_api::conditions::reasons::DEVICE_SOURCE_UNAVAILABLE
+            }
+            Self::Invalid(_) => trackgate_api::conditions::reasons::INVALID_SPEC,
+        }
+    }
+}
+
+/// Checks what the CRD schema checks, for pools that did not come through the API server
+/// (`trackgate run`) or an older CRD.
+///
+/// # Errors
+/// [`SpecError::Invalid`] naming the first broken rule.
+pub fn validate(spec: &TrackerPortPoolSpec) -> Result<(), SpecError> {
+    let bad = |m: &str| Err(SpecError::Invalid(m.to_owned()));
+    if spec.ports.start == 0 || spec.ports.start > spec.ports.end {
+        return bad("spec.ports: start must be between 1 and end");
+    }
+    if spec.sharding.ports_per_shard == 0 || spec.sharding.replicas_per_shard == 0 {
+        return bad("spec.sharding: portsPerShard and replicasPerShard must be at least 1");
+    }
+    if spec.exposure.type_ == ExposureType::NodePort
+        && (spec.ports.start < 30000 || spec.ports.end > 32767)
+    {
+        return bad("exposure.type NodePort needs spec.ports inside 30000-32767");
+    }
+    if spec.redis.sink.partitions == 0 {
+        return bad("spec.redis.partitions must be at least 1");
+    }
+    let mut seen = HashSet::new();
+    for d in &spec.devices {
+        if !allocate::is_imei(&d.imei) {
+            return Err(SpecError::Invalid(format!(
+                "device {:?} is not a 15-digit IMEI",
+                d.imei
+            )));
+        }
+        if !seen.insert(d.imei.as_str()) {
+            return Err(SpecError::Invalid(format!(
+                "device {} is listed twice",
+                d.imei
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The pool's devices: inline entries first (so an inline pin wins), then each `devicesFrom`
+/// source in order. `source` returns the text of a ConfigMap key, `None` when missing.
+///
+/// # Errors
+/// A missing or malformed source.
+pub fn pool_devices<'a>(
+    spec: &TrackerPortPoolSpec,
+    source: impl Fn(&str, &str) -> Option<&'a str>,
+) -> Result<Vec<PoolDevice>, SpecError> {
+    let mut out: Vec<PoolDevice> = spec
+        .devices
+        .iter()
+        .map(|d| PoolDevice {
+            imei: d.imei.clone(),
+            pinned: d.port,
+        })
+        .collect();
+    for src in &spec.devices_from {
+        let text =
+            source(&src.config_map, &src.key).ok_or_else(|| SpecError::MissingDeviceSource {
+                config_map: src.config_map.clone(),
+                key: src.key.clone(),
+            })?;
+        let imeis =
+            allocate::parse_imei_list(text).map_err(|source| SpecError::BadDeviceSource {
+                config_map: src.config_map.clone(),
+                key: src.key.clone(),
+                source,
+            })?;
+        out.extend(
+            imeis
+                .into_iter()
+                .map(|imei| PoolDevice { imei, pinned: None }),
+        );
+    }
+    Ok(out)
+}
+
+/// One listener shard config per shard holding devices, in shard order. This is what
+/// `trackgate run <pool.yaml>` serves and what the operator writes into `shard.json`.
+pub fn shard_configs(
+    pool: &str,
+    spec: &TrackerPortPoolSpec,
+    allocation: &Allocation,
+) -> Vec<ShardConfig> {
+    let layout = Layout::from_spec(spec);
+    allocation
+        .shards
+        .iter()
+        .map(|(&index, entries)| {
+            let (ports, devices) = match spec.mode {
+                IdentificationMode::Dedicated => (
+                    entries
+                        .iter()
+                        .map(|(port, imei)| PortBinding {
+                            port: *port,
+                            imei: Some(imei.clone()),
+                        })
+                        .collect(),
+                    Vec::new(),
+                ),
+                // shared: every port of the shard is served; any admitted IMEI may use any
+                IdentificationMode::Shared => (
+                    layout
+                        .available_ports(index)
+                        .map(|port| PortBinding { port, imei: None })
+                        .collect(),
+                    entries.iter().map(|(_, imei)| imei.clone()).collect(),
+                ),
+            };
+            ShardConfig {
+                pool: pool.to_owned(),
+                shard: index,
+                mode: spec.mode,
+                ports,
+                devices,
+                udp: spec.udp,
+                limits: spec.limits.clone(),
+                redis: spec.redis.sink.clone(),
+            }
+        })
+        .collect()
+}
+
+/// Everything `trackgate run <pool.yaml>` needs, with no cluster: validate, gather devices,
+/// allocate (from `previous`, empty on a first run), and build the shard configs.
+///
+/// # Errors
+/// A spec error.
+pub fn plan_local<'a>(
+    pool: &str,
+    spec: &TrackerPortPoolSpec,
+    source: impl Fn(&str, &str) -> Option<&'a str>,
+    previous: &Previous,
+) -> Result<(Allocation, Vec<ShardConfig>), SpecError> {
+    validate(spec)?;
+    let devices = pool_devices(spec, source)?;
+    let allocation = allocate::allocate(&Layout::from_spec(spec), &devices, previous);
+    let configs = shard_configs(pool, spec, &allocation);
+    Ok((allocation, configs))
+}
+
+/// The children one pool should have.
+#[derive(Clone, Debug, Default)]
+pub struct Desired {
+    /// Per shard: config + allocation table.
+    pub config_maps: Vec<ConfigMap>,
+    /// Per shard: the listener.
+    pub deployments: Vec<Deployment>,
+    /// Per shard, unless `HostNetwork`.
+    pub services: Vec<Service>,
+    /// Per shard.
+    pub pdbs: Vec<PodDisruptionBudget>,
+}
+
+impl Desired {
+    /// Number of objects.
+    pub fn len(&self) -> usize {
+        self.config_maps.len() + self.deployments.len() + self.services.len() + self.pdbs.len()
+    }
+
+    /// Whether there is nothing to run.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Name of shard `index` of `pool` (ConfigMap, Deployment, Service, PDB).
+pub fn shard_name(pool: &str, index: u32) -> String {
+    format!("{pool}-shard-{index}")
+}
+
+/// Labels selecting the pods of one shard.
+pub fn selector_labels(pool: &str, index: u32) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_owned(),
+            "trackgate-listener".to_owned(),
+        ),
+        (POOL_LABEL.to_owned(), pool.to_owned()),
+        (SHARD_LABEL.to_owned(), index.to_string()),
+    ])
+}
+
+/// The desired children of `pool` for `allocation`; `image` is the default listener image
+/// (the operator's own).
+///
+/// # Errors
+/// [`SpecError::Invalid`] when the pool has no uid (not read from the API server) or a built
+/// object does not fit its type.
+pub fn desired_objects(
+    pool: &TrackerPortPool,
+    allocation: &Allocation,
+    image: &str,
+) -> Result<Desired, SpecError> {
+    let name = pool.name_any();
+    let owner = pool
+        .controller_owner_ref(&())
+        .ok_or_else(|| SpecError::Invalid("pool has no uid".to_owned()))?;
+    let spec = &pool.spec;
+    let mut out = Desired::default();
+    for cfg in shard_configs(&name, spec, allocation) {
+        let index = cfg.shard;
+        let entries = allocation
+            .shards
+            .get(&index)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let meta = |kind: &str| meta(&name, pool.namespace(), index, &owner, kind);
+        let mut cm = ConfigMap {
+            metadata: meta("config"),
+            data: Some(BTreeMap::from([
+                (SHARD_CONFIG_FILE.to_owned(), cfg.to_json()),
+                (
+                    ALLOCATION_TABLE_FILE.to_owned(),
+                    allocate::render_table(entries),
+                ),
+            ])),
+            ..ConfigMap::default()
+        };
+        stamp(&mut cm.metadata, &cm.data);
+        out.config_maps.push(cm);
+        out.deployments
+            .push(deployment(meta("listener"), spec, &name, index, image)?);
+        if let Some(svc) = service(meta("listener"), spec, &name, &cfg)? {
+            out.services.push(svc);
+        }
+        out.pdbs.push(typed(
+            meta("listener"),
+            json!({"spec": {
+                "maxUnavailable": 1,
+                "selector": {"matchLabels": selector_labels(&name, index)},
+            }}),
+        )?);
+    }
+    Ok(out)
+}
+
+fn meta(
+    pool: &str,
+    namespace: Option<String>,
+    index: u32,
+    owner: &OwnerReference,
+    component: &str,
+) -> ObjectMeta {
+    let mut labels = selector_labels(pool, index);
+    labels.insert(
+        "app.kubernetes.io/component".to_owned(),
+        component.to_owned(),
+    );
+    labels.insert(
+        "app.kubernetes.io/managed-by".to_owned(),
+        FIELD_MANAGER.to_owned(),
+    );
+    ObjectMeta {
+        name: Some(shard_name(pool, index)),
+        namespace,
+        labels: Some(labels),
+        owner_references: Some(vec![owner.clone()]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// Builds a typed object from metadata and a JSON body, stamping the content hash.
+fn typed<K: serde::de::DeserializeOwned + Resource<DynamicType = ()>>(
+    metadata: ObjectMeta,
+    body: serde_json::Value,
+) -> Result<K, SpecError> {
+    let mut value = body;
+    value["apiVersion"] = K::api_version(&()).into();
+    value["kind"] = K::kind(&()).into();
+    let hash_input = value.to_string();
+    let mut obj: K = serde_json::from_value(value)
+        .map_err(|e| SpecError::Invalid(format!("building {}: {e}", K::kind(&()))))?;
+    *obj.meta_mut() = metadata;
+    stamp(obj.meta_mut(), &hash_input);
+    Ok(obj)
+}
+
+/// Writes the content hash (content + metadata) into the annotations.
+fn stamp(meta: &mut ObjectMeta, content: &impl Serialize) {
+    let mut h = DefaultHasher::new();
+    serde_json::to_string(content)
+        .unwrap_or_default()
+        .hash(&mut h);
+    serde_json::to_string(&meta.labels)
+        .unwrap_or_default()
+        .hash(&mut h);
+    serde_json::to_string(&meta.owner_references)
+        .unwrap_or_default()
+        .hash(&mut h);
+    serde_json::to_string(&meta.annotations)
+        .unwrap_or_default()
+        .hash(&mut h);
+    meta.annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(HASH_ANNOTATION.to_owned(), format!("{:016x}", h.finish()));
+}
+
+/// The content hash an object carries.
+pub fn applied_hash(meta: &ObjectMeta) -> Option<&str> {
+    meta.annotations
+        .as_ref()?
+        .get(HASH_ANNOTATION)
+        .map(String::as_str)
+}
+
+fn deployment(
+    meta: ObjectMeta,
+    spec: &TrackerPortPoolSpec,
+    pool: &str,
+    index: u32,
+    image: &str,
+) -> Result<Deployment, SpecError> {
+    let selector = selector_labels(pool, index);
+    let host_network = spec.exposure.type_ == ExposureType::HostNetwork;
+    let low_ports = spec.ports.start < 1024;
+    let probe = |path: &str, period: u32| json!({"httpGet": {"path": path, "port": "admin"}, "periodSeconds": period, "failureThreshold": 3});
+    let mut pod_spec = json!({
+        "terminationGracePeriodSeconds": TERMINATION_GRACE.as_secs(),
+        "securityContext": {
+            "runAsNonRoot": true,
+            "runAsUser": 65532,
+            "runAsGroup": 65532,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [{
+            "name": "listener",
+            "image": spec.listener.image.as_deref().unwrap_or(image),
+            "args": ["listen", "--config", format!("{CONFIG_DIR}/{SHARD_CONFIG_FILE}"),
+                     "--admin-addr", format!("0.0.0.0:{ADMIN_PORT}")],
+            "ports": [{"name": "admin", "containerPort": ADMIN_PORT, "protocol": "TCP"}],
+            "env": [
+                {"name": REDIS_URL_ENV, "valueFrom": {"secretKeyRef": {
+                    "name": spec.redis.url_secret_ref.name, "key": spec.redis.url_secret_ref.key}}},
+                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            ],
+            "livenessProbe": probe("/livez", 10),
+            "readinessProbe": probe("/readyz", 5),
+            "securityContext": {
+                "allowPrivilegeEscalation": false,
+                "readOnlyRootFilesystem": true,
+                // ports below 1024 need the one capability the restricted profile allows
+                "capabilities": if low_ports {
+                    json!({"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]})
+                } else {
+                    json!({"drop": ["ALL"]})
+                },
+            },
+            "volumeMounts": [{"name": "shard-config", "mountPath": CONFIG_DIR, "readOnly": true}],
+        }],
+        "volumes": [{"name": "shard-config", "configMap": {"name": shard_name(pool, index)}}],
+        "topologySpreadConstraints": [
+            {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+             "whenUnsatisfiable": "ScheduleAnyway", "labelSelector": {"matchLabels": selector}},
+            {"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+             "whenUnsatisfiable": "ScheduleAnyway", "labelSelector": {"matchLabels": selector}},
+        ],
+    });
+    let container = &mut pod_spec["containers"][0];
+    if let Some(policy) = &spec.listener.image_pull_policy {
+        container["imagePullPolicy"] = json!(policy);
+    }
+    if let Some(resources) = &spec.listener.resources {
+        container["resources"] = json!(resources);
+    }
+    if !spec.listener.node_selector.is_empty() {
+        pod_spec["nodeSelector"] = json!(spec.listener.node_selector);
+    }
+    if !spec.listener.tolerations.is_empty() {
+        pod_spec["tolerations"] = json!(spec.listener.tolerations);
+    }
+    if let Some(class) = &spec.listener.priority_class_name {
+        pod_spec["priorityClassName"] = json!(class);
+    }
+    let mut affinity = json!(spec.listener.affinity.clone().unwrap_or_default());
+    if host_network {
+        pod_spec["hostNetwork"] = json!(true);
+        pod_spec["dnsPolicy"] = json!("ClusterFirstWithHostNet");
+        // two replicas of a shard on one node would bind the same ports
+        affinity["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"] = json!([
+            {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": selector}}
+        ]);
+    }
+    if affinity.as_object().is_some_and(|a| !a.is_empty()) {
+        pod_spec["affinity"] = affinity;
+    }
+    let mut pod_labels = selector.clone();
+    pod_labels.insert(
+        "app.kubernetes.io/component".to_owned(),
+        "listener".to_owned(),
+    );
+    typed(
+        meta,
+        json!({"spec": {
+            "replicas": spec.sharding.replicas_per_shard,
+            "selector": {"matchLabels": selector},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+        }}),
+    )
+}
+
+fn service(
+    meta: ObjectMeta,
+    spec: &TrackerPortPoolSpec,
+    pool: &str,
+    cfg: &ShardConfig,
+) -> Result<Option<Service>, SpecError> {
+    let kind = match spec.exposure.type_ {
+        ExposureType::HostNetwork => return Ok(None),
+        ExposureType::LoadBalancer => "LoadBalancer",
+        ExposureType::NodePort => "NodePort",
+    };
+    let node_port = spec.exposure.type_ == ExposureType::NodePort;
+    let protocols: &[&str] = if spec.udp { &["TCP", "UDP"] } else { &["TCP"] };
+    let ports: Vec<_> = cfg
+        .ports
+        .iter()
+        .flat_map(|b| {
+            protocols.iter().map(move |proto| {
+                let mut p = json!({
+                    "name": format!("{}-{}", proto.to_ascii_lowercase(), b.port),
+                    "port": b.port, "targetPort": b.port, "protocol": proto,
+                });
+                if node_port {
+                    p["nodePort"] = json!(b.port);
+                }
+                p
+            })
+        })
+        .collect();
+    let mut body = json!({"spec": {
+        "type": kind,
+        "selector": selector_labels(pool, cfg.shard),
+        "ports": ports,
+        "externalTrafficPolicy": spec.exposure.external_traffic_policy.as_str(),
+    }});
+    if kind == "LoadBalancer" && !spec.exposure.source_ranges.is_empty() {
+        body["spec"]["loadBalancerSourceRanges"] = json!(spec.exposure.source_ranges);
+    }
+    let mut meta = meta;
+    if !spec.exposure.annotations.is_empty() {
+        meta.annotations = Some(spec.exposure.annotations.clone());
+    }
+    typed(meta, body).map(Some)
+}
+
+/// Number of load-balancer listeners (port × protocol) of the largest shard Service.
+pub fn max_listeners(desired: &Desired) -> usize {
+    desired
+        .services
+        .iter()
+        .filter(|s| s.spec.as_ref().and_then(|s| s.type_.as_deref()) == Some("LoadBalancer"))
+        .map(|s| {
+            s.spec
+                .as_ref()
+                .and_then(|s| s.ports.as_ref())
+                .map_or(0, Vec::len)
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::PoolBuilder;
+
+    #[test]
+    fn one_set_of_children_per_shard_with_owner_and_labels() {
+        let pool = PoolBuilder::dedicated(5000, 5099)
+            .ports_per_shard(10)
+            .with_devices(25)
+            .build();
+        let a = crate::fixtures::allocate_for(&pool, &Previous::new());
+        let d = desired_objects(&pool, &a, "ghcr.io/trackgate/trackgate:1.0").unwrap();
+        assert_eq!(d.config_maps.len(), 3);
+        assert_eq!(d.len(), 12);
+        let dep = &d.deployments[0];
+        assert_eq!(dep.metadata.name.as_deref(), Some("fleet-shard-0"));
+        assert_eq!(
+            dep.metadata.owner_references.as_ref().unwrap()[0].kind,
+            "TrackerPortPool"
+        );
+        let pod = dep.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some("ghcr.io/trackgate/trackgate:1.0"));
+        assert_eq!(c.args.as_ref().unwrap()[2], "/etc/trackgate/shard.json");
+        let env = c.env.as_ref().unwrap();
+        assert_eq!(env[0].name, "TRACKGATE_REDIS_URL");
+        assert_eq!(
+            env[0]
+                .value_from
+                .as_ref()
+                .unwrap()
+                .secret_key_ref
+                .as_ref()
+                .unwrap()
+                .name,
+            "redis"
+        );
+        assert_eq!(pod.termination_grace_period_seconds, Some(45));
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(pod.topology_spread_constraints.as_ref().unwrap().len(), 2);
+        assert_eq!(
+            c.liveness_probe
+                .as_ref()
+                .unwrap()
+                .http_get
+                .as_ref()
+                .unwrap()
+                .path
+                .as_deref(),
+            Some("/livez")
+        );
+        // the device ports are on the Service, not the pod, so adding a device never rolls pods
+        assert_eq!(c.ports.as_ref().unwrap().len(), 1);
+        let svc = d.services[0].spec.as_ref().unwrap();
+        assert_eq!(svc.type_.as_deref(), Some("LoadBalancer"));
+        assert_eq!(svc.external_traffic_policy.as_deref(), Some("Local"));
+        // 25 devices over 3 open shards, filled evenly: 9, 8, 8
+        assert_eq!(svc.ports.as_ref().unwrap().len(), 9);
+        let cfg =
+            ShardConfig::from_json(&d.config_maps[0].data.as_ref().unwrap()[SHARD_CONFIG_FILE])
+                .unwrap();
+        assert_eq!(cfg.ports.len(), 9);
+    }
+
+    #[test]
+    fn hash_changes_only_with_content() {
+        let pool = PoolBuilder::dedicated(5000, 5099)
+            .ports_per_shard(10)
+            .with_devices(15)
+            .build();
+        let a = crate::fixtures::allocate_for(&pool, &Previous::new());
+        let d1 = desired_objects(&pool, &a, "img").unwrap();
+        let d2 = desired_objects(&pool, &a, "img").unwrap();
+        let more = PoolBuilder::dedicated(5000, 5099)
+            .ports_per_shard(10)
+            .with_devices(16)
+            .build();
+        let b = crate::fixtures::allocate_for(&more, &a.to_previous());
+        let d3 = desired_objects(&more, &b, "img").unwrap();
+        let h = |cm: &ConfigMap| applied_hash(&cm.metadata).unwrap().to_owned();
+        assert_eq!(h(&d1.config_maps[1]), h(&d2.config_maps[1]));
+        assert_eq!(
+            h(&d1.config_maps[0]),
+            h(&d3.config_maps[0]),
+            "shard 0 untouched"
+        );
+        assert_ne!(
+            h(&d1.config_maps[1]),
+            h(&d3.config_maps[1]),
+            "shard 1 gained a device"
+        );
+        assert_eq!(
+            applied_hash(&d1.deployments[1].metadata),
+            applied_hash(&d3.deployments[1].metadata),
+            "a new device never changes the Deployment"
+        );
+    }
+
+    #[test]
+    fn node_port_udp_and_host_network_exposures() {
+        let mut pool = PoolBuilder::dedicated(31000, 31009).with_devices(2).build();
+        pool.spec.exposure.type_ = ExposureType::NodePort;
+        pool.spec.udp = true;
+        let a = crate::fixtures::allocate_for(&pool, &Previous::new());
+        let d = desired_objects(&pool, &a, "img").unwrap();
+        let ports = d.services[0].spec.as_ref().unwrap().ports.clone().unwrap();
+        assert_eq!(ports.len(), 4);
+        assert_eq!(ports[0].node_port, Some(31000));
+        assert_eq!(ports[1].protocol.as_deref(), Some("UDP"));
+
+        pool.spec.exposure.type_ = ExposureType::HostNetwork;
+        let d = desired_objects(&pool, &a, "img").unwrap();
+        assert!(d.services.is_empty());
+        let pod = d.deployments[0]
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .clone()
+            .unwrap();
+        assert_eq!(pod.host_network, Some(true));
+        assert!(pod.affinity.unwrap().pod_anti_affinity.is_some());
+    }
+
+    #[test]
+    fn shared_mode_serves_every_port_and_admits_imeis() {
+        let pool = PoolBuilder::shared(7000, 7003).with_devices(6).build();
+        let a = crate::fixtures::allocate_for(&pool, &Previous::new());
+        let cfgs = shard_configs("fleet", &pool.spec, &a);
+        assert_eq!(cfgs.len(), 1);
+        assert_eq!(cfgs[0].ports.len(), 4);
+        assert_eq!(cfgs[0].devices.len(), 6);
+        cfgs[0].validate().unwrap();
+    }
+
+    #[test]
+    fn spec_errors_name_the_problem() {
+        let mut pool = PoolBuilder::dedicated(5000, 5009).build();
+        pool.spec.devices_from.push(trackgate_api::DeviceSource {
+            config_map: "more".into(),
+            key: "imeis".into(),
+        });
+        let err = pool_devices(&pool.spec, |_, _| None).unwrap_err();
+        assert_eq!(err.reason(), "DeviceSourceUnavailable");
+        let err = pool_devices(&pool.spec, |_, _| Some("12\n")).unwrap_err();
+        assert!(err.to_string().contains("line 1"), "{err}");
+        pool.spec.ports.start = 6000;
+        assert!(validate(&pool.spec).is_err());
+    }
+
+    #[test]
+    fn plan_local_serves_a_pool_file() {
+        let pool = PoolBuilder::dedicated(5000, 5009)
+            .with_devices(3)
+            .pinned("356307042441013", 5009)
+            .build();
+        let (a, cfgs) = plan_local("fleet", &pool.spec, |_, _| None, &Previous::new()).unwrap();
+        assert_eq!(a.allocated(), 4);
+        assert!(cfgs[0].ports.iter().any(|b| b.port == 5009));
+    }
+}

@@ -1,0 +1,153 @@
+//! Operator metrics (`trackgate_operator_*`). Labels are bounded: the controller name, a pool
+//! name (a cluster has few pools), and `&'static str` reasons and states.
+
+use std::time::Instant;
+
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+/// The only controller of this binary, as a label value.
+pub const CONTROLLER: &str = "trackerportpool";
+
+/// Every operator metric.
+#[derive(Clone)]
+pub struct Metrics {
+    /// `trackgate_operator_reconcile_duration_seconds{controller}`.
+    pub reconcile_duration: HistogramVec,
+    /// `trackgate_operator_reconciles_total{controller}`.
+    pub reconciles: IntCounterVec,
+    /// `trackgate_operator_reconcile_errors_total{controller,reason}`.
+    pub reconcile_errors: IntCounterVec,
+    /// `trackgate_operator_pool_devices{pool,state}`, state ∈ {allocated, unallocated}.
+    pub pool_devices: IntGaugeVec,
+    /// `trackgate_operator_pool_ports{pool,state}`, state ∈ {allocated, free}.
+    pub pool_ports: IntGaugeVec,
+    /// `trackgate_operator_writes_total{verb}`, verb ∈ {apply, delete, status, event}.
+    pub writes: IntCounterVec,
+    /// `trackgate_operator_leader`: 1 while this replica holds the lease.
+    pub leader: IntGauge,
+}
+
+impl Metrics {
+    /// Creates and registers the metrics.
+    ///
+    /// # Errors
+    /// When a name is already registered on `registry`.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let m = Self {
+            reconcile_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "trackgate_operator_reconcile_duration_seconds",
+                    "Time of one reconcile of a TrackerPortPool.",
+                )
+                .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+                &["controller"],
+            )?,
+            reconciles: IntCounterVec::new(
+                Opts::new("trackgate_operator_reconciles_total", "Reconciles started."),
+                &["controller"],
+            )?,
+            reconcile_errors: IntCounterVec::new(
+                Opts::new(
+                    "trackgate_operator_reconcile_errors_total",
+                    "Reconciles that failed, by reason.",
+                ),
+                &["controller", "reason"],
+            )?,
+            pool_devices: IntGaugeVec::new(
+                Opts::new(
+                    "trackgate_operator_pool_devices",
+                    "Devices of a pool, by allocation state.",
+                ),
+                &["pool", "state"],
+            )?,
+            pool_ports: IntGaugeVec::new(
+                Opts::new(
+                    "trackgate_operator_pool_ports",
+                    "Allocatable ports of a pool, by state.",
+                ),
+                &["pool", "state"],
+            )?,
+            writes: IntCounterVec::new(
+                Opts::new(
+                    "trackgate_operator_writes_total",
+                    "Writes to the Kubernetes API, by verb.",
+                ),
+                &["verb"],
+            )?,
+            leader: IntGauge::new(
+                "trackgate_operator_leader",
+                "1 while this replica is the leader.",
+            )?,
+        };
+        registry.register(Box::new(m.reconcile_duration.clone()))?;
+        registry.register(Box::new(m.reconciles.clone()))?;
+        registry.register(Box::new(m.reconcile_errors.clone()))?;
+        registry.register(Box::new(m.pool_devices.clone()))?;
+        registry.register(Box::new(m.pool_ports.clone()))?;
+        registry.register(Box::new(m.writes.clone()))?;
+        registry.register(Box::new(m.leader.clone()))?;
+        Ok(m)
+    }
+
+    /// Counts a reconcile and times it until the returned guard drops.
+    pub fn reconcile_started(&self) -> ReconcileTimer {
+        self.reconciles.with_label_values(&[CONTROLLER]).inc();
+        ReconcileTimer {
+            start: Instant::now(),
+            histogram: self.reconcile_duration.clone(),
+        }
+    }
+}
+
+/// Observes the reconcile duration on drop, so early returns are timed too (controller-rs).
+pub struct ReconcileTimer {
+    start: Instant,
+    histogram: HistogramVec,
+}
+
+impl Drop for ReconcileTimer {
+    fn drop(&mut self) {
+        self.histogram
+            .with_label_values(&[CONTROLLER])
+            .observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_the_documented_ones() {
+        let registry = Registry::new();
+        let m = Metrics::register(&registry).unwrap();
+        drop(m.reconcile_started());
+        m.reconcile_errors
+            .with_label_values(&[CONTROLLER, "conflict"])
+            .inc();
+        m.pool_devices
+            .with_label_values(&["fleet", "allocated"])
+            .set(3);
+        m.pool_ports.with_label_values(&["fleet", "free"]).set(7);
+        m.writes.with_label_values(&["apply"]).inc();
+        let names: Vec<String> = registry
+            .gather()
+            .iter()
+            .map(|f| f.name().to_owned())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "trackgate_operator_leader",
+                "trackgate_operator_pool_devices",
+                "trackgate_operator_pool_ports",
+                "trackgate_operator_reconcile_duration_seconds",
+                "trackgate_operator_reconcile_errors_total",
+                "trackgate_operator_reconciles_total",
+                "trackgate_operator_writes_total",
+            ]
+        );
+    }
+}

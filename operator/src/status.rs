@@ -1,0 +1,406 @@
+//! PURE: what was computed and observed → the pool's status. The clock is an argument.
+//!
+//! A condition keeps its `lastTransitionTime` while its status stays the same, so recomputing
+//! the status of an unchanged pool yields an equal value and the controller writes nothing
+//! (writing would trigger another reconcile: a self-made loop).
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::ResourceExt;
+use trackgate_api::conditions::{self, reasons};
+use trackgate_api::{ExposureType, ShardStatus, TrackerPortPool, TrackerPortPoolStatus};
+
+use crate::allocate::{Allocation, Layout, Unallocated};
+use crate::desired::{NLB_LISTENER_LIMIT, SpecError, shard_name};
+
+/// What the reconcile computed for the pool.
+#[derive(Debug, Clone, Copy)]
+pub enum Outcome<'a> {
+    /// The pool was allocated and its children applied.
+    Allocated {
+        /// The allocation.
+        allocation: &'a Allocation,
+        /// Largest listener count of one LoadBalancer Service.
+        max_listeners: usize,
+    },
+    /// The spec cannot be served.
+    Invalid(&'a SpecError),
+}
+
+/// The children as observed (live objects of this pool).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Observed<'a> {
+    /// Shard Deployments.
+    pub deployments: &'a [Deployment],
+    /// Shard Services.
+    pub services: &'a [Service],
+}
+
+/// The status `pool` should have now.
+pub fn status_for(
+    pool: &TrackerPortPool,
+    outcome: Outcome<'_>,
+    observed: Observed<'_>,
+    now: &Time,
+) -> TrackerPortPoolStatus {
+    let old = pool.status.clone().unwrap_or_default();
+    let mut new = TrackerPortPoolStatus {
+        observed_generation: pool.metadata.generation,
+        ..old.clone()
+    };
+    let mut conds: Vec<(&'static str, bool, &'static str, String)> = Vec::new();
+    match outcome {
+        Outcome::Invalid(err) => {
+            conds.push((conditions::DEGRADED, true, err.reason(), err.to_string()));
+            conds.push((
+                conditions::READY,
+                false,
+                reasons::POOL_NOT_READY,
+                "the spec cannot be served; see Degraded".to_owned(),
+            ));
+        }
+        Outcome::Allocated {
+            allocation,
+            max_listeners,
+        } => {
+            let layout = Layout::from_spec(&pool.spec);
+            let allocated = allocation.allocated();
+            new.devices = count(allocated + allocation.unallocated.len());
+            new.allocated = count(allocated);
+            new.unallocated = count(allocation.unallocated.len());
+            new.free_ports = allocation.free_ports;
+            new.shards = allocation
+                .shards
+                .iter()
+                .map(|(&index, entries)| {
+                    shard_status(pool, &layout, index, entries.len(), observed)
+                })
+                .collect();
+            let ready = new
+                .shards
+                .iter()
+                .filter(|s| s.replicas > 0 && s.ready_replicas >= s.replicas)
+                .count();
+            new.shards_ready = format!("{ready}/{}", new.shards.len());
+
+            let ports_ok = allocation.unallocated.is_empty();
+            conds.push(if ports_ok {
+                (
+                    conditions::PORTS_ALLOCATED,
+                    true,
+                    reasons::ALL_ALLOCATED,
+                    format!("{allocated} devices hold a port"),
+                )
+            } else {
+                let pinned = allocation
+                    .unallocated
+                    .iter()
+                    .any(|(_, w)| *w != Unallocated::RangeFull);
+                let sample: Vec<&str> = allocation
+                    .unallocated
+                    .iter()
+                    .take(5)
+                    .map(|(i, _)| i.as_str())
+                    .collect();
+                (
+                    conditions::PORTS_ALLOCATED,
+                    false,
+                    if pinned {
+                        reasons::PINNED_PORT_UNAVAILABLE
+                    } else {
+                        reasons::PORTS_EXHAUSTED
+                    },
+                    format!(
+                        "{} devices hold no port (first: {}); widen spec.ports or remove devices",
+                        allocation.unallocated.len(),
+                        sample.join(", ")
+                    ),
+                )
+            });
+            let listeners_ok = ready == new.shards.len();
+            conds.push(if new.shards.is_empty() {
+                (
+                    conditions::LISTENERS_AVAILABLE,
+                    false,
+                    reasons::NO_DEVICES,
+                    "the pool has no devices".to_owned(),
+                )
+            } else if listeners_ok {
+                (
+                    conditions::LISTENERS_AVAILABLE,
+                    true,
+                    reasons::ALL_REPLICAS_READY,
+                    format!("{ready} shards ready"),
+                )
+            } else {
+                (
+                    conditions::LISTENERS_AVAILABLE,
+                    false,
+                    reasons::REPLICAS_NOT_READY,
+                    format!(
+                        "{ready} of {} shards have every replica ready",
+                        new.shards.len()
+                    ),
+                )
+            });
+            let limits_ok = pool.spec.exposure.type_ != ExposureType::LoadBalancer
+                || max_listeners <= NLB_LISTENER_LIMIT;
+            conds.push(if limits_ok {
+                (
+                    conditions::EXPOSURE_WITHIN_LIMITS,
+                    true,
+                    reasons::WITHIN_LIMITS,
+                    "within known load balancer limits".to_owned(),
+                )
+            } else {
+                (
+                    conditions::EXPOSURE_WITHIN_LIMITS,
+                    false,
+                    reasons::AWS_NLB_LISTENER_LIMIT,
+                    format!(
+                        "a shard Service has {max_listeners} listeners; an AWS NLB takes at most \
+                         {NLB_LISTENER_LIMIT}: lower spec.sharding.portsPerShard"
+                    ),
+                )
+            });
+            conds.push((
+                conditions::DEGRADED,
+                false,
+                reasons::SPEC_VALID,
+                "the spec is valid".to_owned(),
+            ));
+            let all = ports_ok && listeners_ok && !new.shards.is_empty();
+            conds.push(if all {
+                (
+                    conditions::READY,
+                    true,
+                    reasons::POOL_READY,
+                    "every device holds a port on a ready listener".to_owned(),
+                )
+            } else {
+                (
+                    conditions::READY,
+                    false,
+                    reasons::POOL_NOT_READY,
+                    "see PortsAllocated and ListenersAvailable".to_owned(),
+                )
+            });
+        }
+    }
+    new.conditions = merge_conditions(&old.conditions, conds, pool.metadata.generation, now);
+    new
+}
+
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+fn shard_status(
+    pool: &TrackerPortPool,
+    layout: &Layout,
+    index: u32,
+    devices: usize,
+    observed: Observed<'_>,
+) -> ShardStatus {
+    let name = shard_name(&pool.name_any(), index);
+    let (first, last) = layout.shard_ports(index);
+    let dep = observed.deployments.iter().find(|d| d.name_any() == name);
+    let dep_status = dep.and_then(|d| d.status.as_ref());
+    let endpoint = match pool.spec.exposure.type_ {
+        ExposureType::HostNetwork => Some("hostNetwork".to_owned()),
+        ExposureType::NodePort => Some("any node address, port = device port".to_owned()),
+        ExposureType::LoadBalancer => observed
+            .services
+            .iter()
+            .find(|s| s.name_any() == name)
+            .and_then(|s| {
+                s.status
+                    .as_ref()?
+                    .load_balancer
+                    .as_ref()?
+                    .ingress
+                    .as_ref()?
+                    .first()
+                    .cloned()
+            })
+            .and_then(|i| i.hostname.or(i.ip)),
+    };
+    ShardStatus {
+        index,
+        ports: format!("{first}-{last}"),
+        devices: count(devices),
+        replicas: i32::from(pool.spec.sharding.replicas_per_shard),
+        ready_replicas: dep_status.and_then(|s| s.ready_replicas).unwrap_or(0),
+        endpoint,
+    }
+}
+
+/// Builds the conditions, keeping `lastTransitionTime` of those whose status did not change.
+fn merge_conditions(
+    old: &[Condition],
+    new: Vec<(&'static str, bool, &'static str, String)>,
+    generation: Option<i64>,
+    now: &Time,
+) -> Vec<Condition> {
+    new.into_iter()
+        .map(|(type_, ok, reason, message)| {
+            let status = if ok { "True" } else { "False" }.to_owned();
+            let since = old
+                .iter()
+                .find(|c| c.type_ == type_ && c.status == status)
+                .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
+            Condition {
+                type_: type_.to_owned(),
+                status,
+                reason: reason.to_owned(),
+                message,
+                observed_generation: generation,
+                last_transition_time: since,
+            }
+        })
+        .collect()
+}
+
+/// Whether writing `new` would change anything.
+pub fn is_changed(pool: &TrackerPortPool, new: &TrackerPortPoolStatus) -> bool {
+    pool.status.as_ref() != Some(new)
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::apps::v1::DeploymentStatus;
+    use k8s_openapi::jiff::Timestamp;
+
+    use super::*;
+    use crate::allocate::Previous;
+    use crate::fixtures::{PoolBuilder, allocate_for};
+
+    fn at(secs: i64) -> Time {
+        Time(Timestamp::from_second(secs).unwrap())
+    }
+
+    fn cond<'a>(s: &'a TrackerPortPoolStatus, t: &str) -> &'a Condition {
+        s.conditions.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    fn ready_deployment(name: &str, ready: i32) -> Deployment {
+        Deployment {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            status: Some(DeploymentStatus {
+                ready_replicas: Some(ready),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn counts_shards_and_conditions() {
+        let pool = PoolBuilder::dedicated(5000, 5019)
+            .ports_per_shard(10)
+            .with_devices(15)
+            .build();
+        let a = allocate_for(&pool, &Previous::new());
+        let deps = [
+            ready_deployment("fleet-shard-0", 2),
+            ready_deployment("fleet-shard-1", 1),
+        ];
+        let observed = Observed {
+            deployments: &deps,
+            services: &[],
+        };
+        let s = status_for(
+            &pool,
+            Outcome::Allocated {
+                allocation: &a,
+                max_listeners: 10,
+            },
+            observed,
+            &at(1),
+        );
+        assert_eq!(
+            (s.devices, s.allocated, s.unallocated, s.free_ports),
+            (15, 15, 0, 5)
+        );
+        assert_eq!(s.shards_ready, "1/2");
+        assert_eq!(s.shards[1].ports, "5010-5019");
+        assert_eq!(cond(&s, "PortsAllocated").status, "True");
+        assert_eq!(cond(&s, "ListenersAvailable").reason, "ReplicasNotReady");
+        assert_eq!(cond(&s, "Ready").status, "False");
+        assert_eq!(cond(&s, "Degraded").status, "False");
+    }
+
+    #[test]
+    fn full_range_reports_unallocated_devices() {
+        let pool = PoolBuilder::dedicated(5000, 5004).with_devices(8).build();
+        let a = allocate_for(&pool, &Previous::new());
+        let s = status_for(
+            &pool,
+            Outcome::Allocated {
+                allocation: &a,
+                max_listeners: 5,
+            },
+            Observed::default(),
+            &at(1),
+        );
+        assert_eq!((s.allocated, s.unallocated, s.free_ports), (5, 3, 0));
+        let c = cond(&s, "PortsAllocated");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "PortsExhausted")
+        );
+        assert!(
+            c.message.starts_with("3 devices hold no port"),
+            "{}",
+            c.message
+        );
+    }
+
+    #[test]
+    fn unchanged_pool_gives_an_equal_status_later() {
+        let mut pool = PoolBuilder::dedicated(5000, 5009).with_devices(2).build();
+        let a = allocate_for(&pool, &Previous::new());
+        let outcome = Outcome::Allocated {
+            allocation: &a,
+            max_listeners: 2,
+        };
+        let first = status_for(&pool, outcome, Observed::default(), &at(1));
+        pool.status = Some(first.clone());
+        let again = status_for(&pool, outcome, Observed::default(), &at(500));
+        assert!(
+            !is_changed(&pool, &again),
+            "recomputing must not rewrite the status"
+        );
+        let err = SpecError::Invalid("nope".into());
+        let degraded = status_for(&pool, Outcome::Invalid(&err), Observed::default(), &at(600));
+        assert!(is_changed(&pool, &degraded));
+        assert_eq!(cond(&degraded, "Degraded").status, "True");
+        assert_eq!(cond(&degraded, "Degraded").last_transition_time, at(600));
+    }
+
+    #[test]
+    fn warns_past_the_nlb_listener_limit() {
+        let pool = PoolBuilder::dedicated(5000, 5099)
+            .ports_per_shard(100)
+            .with_devices(60)
+            .build();
+        let a = allocate_for(&pool, &Previous::new());
+        let s = status_for(
+            &pool,
+            Outcome::Allocated {
+                allocation: &a,
+                max_listeners: 60,
+            },
+            Observed::default(),
+            &at(1),
+        );
+        assert_eq!(
+            cond(&s, "ExposureWithinLimits").reason,
+            "AwsNlbListenerLimit"
+        );
+    }
+}
