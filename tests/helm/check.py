@@ -326,8 +326,14 @@ def check_rbac(runner: Runner, manifests: list[Manifest]) -> None:
             "pools are read-only; only their status is written"
         )
         assert ("coordination.k8s.io", "leases") in granted, "no Lease access for leader election"
+        lease = re.search(r'LEASE_NAME: &str = "([^"]+)"', (ROOT / "operator" / "src" / "serve.rs").read_text())
+        assert lease, "operator/src/serve.rs has no LEASE_NAME"
+        for m in manifests:
+            for rule in m.obj.get("rules", []) if m.kind == "Role" else []:
+                names = rule.get("resourceNames")
+                assert names in (None, [lease.group(1)]), f"Lease rule names {names}, operator uses {lease.group(1)}"
 
-    runner.check("RBAC: no wildcards, no Secrets, events create/patch, pools read-only", least_privilege)
+    runner.check("RBAC: no wildcards, no Secrets, events create/patch, pools read-only, the one Lease", least_privilege)
 
     declared = operator_verbs()
     if declared is None:
