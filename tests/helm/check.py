@@ -359,14 +359,14 @@ def check_rbac(runner: Runner, manifests: list[Manifest]) -> None:
 
 def listener_pod_labels() -> dict[str, str] | None:
     """The labels the operator puts on listener pods, read from operator/src/desired.rs: the
-    static `("app.kubernetes.io/...", "value")` pairs, and the pool/shard label keys (value `*`),
+    static `"app.kubernetes.io/...".to_owned(), "value"` pairs (any layout rustfmt picks), and the pool/shard label keys (value `*`),
     or None before the file exists."""
     path = ROOT / "operator" / "src" / "desired.rs"
     if not path.exists():
         return None
     text = path.read_text()
     pairs = re.findall(
-        r'\("(app\.kubernetes\.io/(?:name|component))"(?:\.to_owned\(\)|\.to_string\(\)|\.into\(\))?,\s*'
+        r'"(app\.kubernetes\.io/(?:name|component))"(?:\.to_owned\(\)|\.to_string\(\)|\.into\(\))?,\s*'
         r'"([^"]+)"',
         text,
     )
