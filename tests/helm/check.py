@@ -792,6 +792,33 @@ def _eq(got: Any, want: Any, what: str) -> None:
     assert got == want, f"{what}: got {got}, want {want}"
 
 
+# === The image ===
+
+
+def check_dockerfile(runner: Runner, manifests: list[Manifest]) -> None:
+    """No container engine runs here, so the Dockerfile is checked for what the chart and the
+    operator rely on: the one binary, built locked, run as the uid the pods declare."""
+    text = (ROOT / "Dockerfile").read_text()
+    deploy = find(manifests, "Deployment", "-operator").obj
+    chart_uid = deploy["spec"]["template"]["spec"]["securityContext"]["runAsUser"]
+    desired = (ROOT / "operator" / "src" / "desired.rs").read_text()
+
+    def builds_the_binary() -> None:
+        assert "cargo build --release --locked -p trackgate" in text, "build step changed"
+        assert re.search(r'ENTRYPOINT \["/usr/local/bin/trackgate"\]', text), "entrypoint is not the binary"
+
+    def same_uid_everywhere() -> None:
+        user = re.findall(r"^USER (\d+)", text, re.MULTILINE)
+        assert user == [str(chart_uid)], f"Dockerfile USER {user}, chart runAsUser {chart_uid}"
+        listener = re.search(r'"runAsUser":\s*(\d+)', desired)
+        assert listener and int(listener.group(1)) == chart_uid, (
+            f"listener pods run as {listener and listener.group(1)}, the image as {chart_uid}"
+        )
+
+    runner.check("Dockerfile builds `trackgate` --locked and runs it as the entrypoint", builds_the_binary)
+    runner.check("image user = chart runAsUser = listener pods' runAsUser (operator/src/desired.rs)", same_uid_everywhere)
+
+
 # === Metric names against the code ===
 
 
@@ -863,6 +890,7 @@ def main() -> int:
         section(runner, check_rbac, default)
         section(runner, check_monitors, all_on)
         section(runner, check_embedded, all_on)
+        section(runner, check_dockerfile, default)
         if shutil.which("promtool"):
             section(runner, check_promtool, all_on)
             section(runner, check_alert_behaviour)
