@@ -395,7 +395,12 @@ def check_monitors(runner: Runner, manifests: list[Manifest]) -> None:
         assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
         assert [p["name"] for p in svc["spec"]["ports"]] == ["admin"]
 
+    def podmonitor_namespaces() -> None:
+        sel = pm["spec"]["namespaceSelector"]
+        assert sel == {"matchNames": ["fleet-a", "fleet-b"]}, f"metrics.podMonitor.namespaces gave {sel}"
+
     runner.check("Service/PodMonitor scrape port `admin` with the job names the alerts use", jobs_are_stable)
+    runner.check("PodMonitor scrapes only the listed namespaces when some are listed", podmonitor_namespaces)
     runner.check("ServiceMonitor selects the operator Service", servicemonitor_selects_service)
 
     labels = listener_pod_labels()
