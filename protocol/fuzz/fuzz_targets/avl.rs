@@ -7,12 +7,12 @@
 
 use bytes::{BufMut, BytesMut};
 use libfuzzer_sys::fuzz_target;
-use trackgate_protocol::{
-    Frame, FrameDecoder, Limits, crc16_ibm, encode_avl, encode_command,
-};
+use trackgate_protocol::{Frame, FrameDecoder, Limits, crc16_ibm, encode_avl, encode_command};
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(len) = u32::try_from(data.len()) else { return };
+    let Ok(len) = u32::try_from(data.len()) else {
+        return;
+    };
     let mut frame = BytesMut::with_capacity(data.len() + 12);
     frame.put_u32(0);
     frame.put_u32(len);
@@ -35,7 +35,10 @@ fuzz_target!(|data: &[u8]| {
         Err(e) => {
             // Only body errors are possible past a valid envelope.
             assert!(
-                !matches!(e.reason(), "bad_preamble" | "too_large" | "crc" | "incomplete"),
+                !matches!(
+                    e.reason(),
+                    "bad_preamble" | "too_large" | "crc" | "incomplete"
+                ),
                 "{e}"
             );
         }

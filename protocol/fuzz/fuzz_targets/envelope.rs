@@ -38,7 +38,11 @@ fuzz_target!(|data: &[u8]| {
                     assert!(used <= limit.max(1));
                 }
                 Ok(None) => {
-                    assert!(buf.len() < limit.max(8), "buffered {} with limit {limit}", buf.len());
+                    assert!(
+                        buf.len() < limit.max(8),
+                        "buffered {} with limit {limit}",
+                        buf.len()
+                    );
                     break;
                 }
                 Err(e) => {
