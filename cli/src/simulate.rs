@@ -156,7 +156,10 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("read {}", path.display()))?;
-            Some(ShardConfig::from_json(&text).with_context(|| format!("parse {}", path.display()))?)
+            Some(
+                ShardConfig::from_json(&text)
+                    .with_context(|| format!("parse {}", path.display()))?,
+            )
         }
         None => None,
     };
@@ -220,28 +223,27 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     config.seed = args.seed;
 
     let outcome = run(config).await?;
+    if !args.json {
+        print!("{}", outcome.report);
+    }
     let verification = match &layout {
         Some(layout) => Some(verify(layout, &outcome.acked, &imeis).await?),
         None => None,
     };
-
     if args.json {
         let json = serde_json::json!({ "report": outcome.report, "verification": verification });
         println!("{}", serde_json::to_string_pretty(&json)?);
-    } else {
-        print!("{}", outcome.report);
-        if let Some(v) = &verification {
-            println!("{v}");
-        }
+    } else if let Some(v) = &verification {
+        println!("{v}");
     }
     if let Some(v) = verification
         && !v.is_ok()
     {
         bail!(
-            "verification failed: {} missing, {} duplicated, {} mismatched",
+            "verification failed: {} missing, {} duplicated, {} malformed",
             v.missing,
             v.duplicated,
-            v.mismatched
+            v.malformed
         );
     }
     Ok(())

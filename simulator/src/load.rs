@@ -268,7 +268,8 @@ pub async fn run_with_stats(
         Some(rate) if rate > 0.0 => Some(Duration::from_secs_f64(n as f64 * per_frame / rate)),
         _ => None,
     };
-    let start_ms = config.start_ms.unwrap_or_else(now_ms);
+    let started_unix_ms = now_ms();
+    let start_ms = config.start_ms.unwrap_or(started_unix_ms);
     let settings = Arc::new(config.device.clone());
     let stop = CancellationToken::new();
     let abort = CancellationToken::new();
@@ -351,7 +352,7 @@ pub async fn run_with_stats(
     );
     Ok(LoadOutcome {
         report,
-        acked: AckedLog::new(acked),
+        acked: AckedLog::new(acked, started_unix_ms),
         started,
     })
 }

@@ -145,12 +145,22 @@ impl fmt::Display for LoadReport {
 #[derive(Debug, Clone, Default)]
 pub struct AckedLog {
     records: Vec<AckedRecord>,
+    started_unix_ms: u64,
 }
 
 impl AckedLog {
-    /// A log of these records.
-    pub fn new(records: Vec<AckedRecord>) -> Self {
-        Self { records }
+    /// A log of these records, for a run that started at `started_unix_ms` (wall clock, ms
+    /// since the epoch; the verifier ignores entries the listener received before it).
+    pub fn new(records: Vec<AckedRecord>, started_unix_ms: u64) -> Self {
+        Self {
+            records,
+            started_unix_ms,
+        }
+    }
+
+    /// Wall-clock start of the run, ms since the epoch.
+    pub fn started_unix_ms(&self) -> u64 {
+        self.started_unix_ms
     }
 
     /// The records.
@@ -177,6 +187,7 @@ impl AckedLog {
                 .filter(|r| r.acked_at >= since)
                 .copied()
                 .collect(),
+            self.started_unix_ms,
         )
     }
 

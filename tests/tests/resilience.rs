@@ -49,7 +49,13 @@ fn trackgate_binary() -> PathBuf {
             )
         });
     let root = workspace_root();
-    for dir in ["listener/src", "protocol/src", "cli/src", "api/src", "telemetry/src"] {
+    for dir in [
+        "listener/src",
+        "protocol/src",
+        "cli/src",
+        "api/src",
+        "telemetry/src",
+    ] {
         if let Some(newer) = newest_file(&root.join(dir)).filter(|(t, _)| *t > built) {
             panic!(
                 "{} is older than {}: run `cargo build -p trackgate` first",
@@ -68,7 +74,11 @@ fn newest_file(dir: &Path) -> Option<(SystemTime, PathBuf)> {
         let candidate = if path.is_dir() {
             newest_file(&path)
         } else {
-            entry.metadata().and_then(|m| m.modified()).ok().map(|t| (t, path))
+            entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .map(|t| (t, path))
         };
         if let Some(c) = candidate
             && newest.as_ref().is_none_or(|n| c.0 > n.0)
@@ -232,7 +242,10 @@ async fn redis_killed_mid_load_loses_and_duplicates_nothing_acked() {
     ));
 
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(stats.records_acked() > 0, "no record acked before the crash");
+    assert!(
+        stats.records_acked() > 0,
+        "no record acked before the crash"
+    );
     let killed_at = stats.since_start();
     redis.kill();
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -242,14 +255,20 @@ async fn redis_killed_mid_load_loses_and_duplicates_nothing_acked() {
     let outcome = load.await.expect("load task").expect("load runs");
     // Acks that were already on the wire when Redis died may land a moment later.
     let grace = Duration::from_millis(500);
-    let acked_while_down = outcome.acked.count_acked_between(killed_at + grace, restart_at);
+    let acked_while_down = outcome
+        .acked
+        .count_acked_between(killed_at + grace, restart_at);
     assert_eq!(
         acked_while_down, 0,
         "records acked while Redis was down\n{}",
         outcome.report
     );
     let after = outcome.acked.acked_since(restart_at);
-    assert!(!after.is_empty(), "nothing acked after Redis came back\n{}", outcome.report);
+    assert!(
+        !after.is_empty(),
+        "nothing acked after Redis came back\n{}",
+        outcome.report
+    );
 
     let devices = device_imeis(&config);
     let v = verify(&layout(&config, &redis), &after, &devices)
