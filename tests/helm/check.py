@@ -8,6 +8,7 @@ with `N passed, M failed`.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -24,6 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import celpy
 import helm_python as helm
 import jsonschema
 import kubernetes_validate
@@ -484,10 +486,88 @@ def check_examples(runner: Runner) -> None:
         assert not missing, "pools name ConfigMaps their file does not define: " + ", ".join(missing)
 
     runner.check("every ConfigMap a pool's devicesFrom names is in the same file", references_resolve)
-    runner.skip(
-        "CEL rules of the examples",
-        "x-kubernetes-validations need an API server or kube's `cel` feature (the api crate's tests)",
-    )
+
+    schema = crd_schema()["properties"]["spec"]
+    for path, obj in objects:
+        if obj["kind"] == "TrackerPortPool":
+            runner.check(
+                f"{path.relative_to(ROOT)}: {obj['metadata']['name']} passes the CRD's CEL rules and list keys",
+                lambda o=obj: _assert_admitted(schema, o["spec"]),
+            )
+    pools = [o for _, o in objects if o["kind"] == "TrackerPortPool" and o["spec"].get("devices")]
+    assert pools, "no example pool with inline devices to mutate"
+    for what, mutate, message in BAD_POOLS:
+        spec = copy.deepcopy(pools[0]["spec"])
+        mutate(spec)
+        runner.check(
+            f"the CRD's rules refuse {what}",
+            lambda sp=spec, m=message: _assert_refused(schema, sp, m),
+        )
+
+
+# Mutations of an example pool the API server must refuse, with the message it must give.
+BAD_POOLS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
+    ("an inverted port range", lambda s: s["ports"].update(start=6000, end=5000), "ports.start must not be greater"),
+    ("a pinned port outside the range", lambda s: s["devices"].append({"imei": "490154203237518", "port": 7000}),
+     "must lie inside spec.ports"),
+    ("a pinned port that is excluded", lambda s: (s["ports"].update(exclude=[5077]),
+     s["devices"].append({"imei": "490154203237518", "port": 5077})), "must not be listed in spec.ports.exclude"),
+    ("NodePort outside 30000-32767", lambda s: s.update(exposure={"type": "NodePort"}), "node-port range"),
+    ("a duplicate IMEI", lambda s: s["devices"].append(dict(s["devices"][0])), "duplicate"),
+]
+
+
+def apply_defaults(schema: dict[str, Any], value: Any) -> None:
+    """Structural defaulting, as the API server does before it runs the CEL rules."""
+    if isinstance(value, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key not in value and "default" in sub:
+                value[key] = copy.deepcopy(sub["default"])
+            if key in value:
+                apply_defaults(sub, value[key])
+    elif isinstance(value, list) and "items" in schema:
+        for item in value:
+            apply_defaults(schema["items"], item)
+
+
+def admission_errors(schema: dict[str, Any], value: Any, path: str = "spec") -> list[str]:
+    """What the API server's CEL rules (`x-kubernetes-validations`, evaluated with cel-python)
+    and list keys (`x-kubernetes-list-type: map|set`) say about `value`."""
+    errors = []
+    env = celpy.Environment()
+    for rule in schema.get("x-kubernetes-validations", []):
+        try:
+            ok = env.program(env.compile(rule["rule"])).evaluate({"self": celpy.json_to_cel(value)})
+        except celpy.CELEvalError as err:
+            ok = err
+        if ok is not True and not (isinstance(ok, celpy.celtypes.BoolType) and bool(ok)):
+            errors.append(f"{path}: {rule.get('message', rule['rule'])}")
+    if isinstance(value, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key in value:
+                errors += admission_errors(sub, value[key], f"{path}.{key}")
+    elif isinstance(value, list):
+        kind = schema.get("x-kubernetes-list-type")
+        keys = schema.get("x-kubernetes-list-map-keys", [])
+        seen = [tuple(i.get(k) for k in keys) if kind == "map" else json.dumps(i) for i in value]
+        if kind in ("map", "set") and len(set(seen)) != len(seen):
+            errors.append(f"{path}: duplicate entries in a list of type {kind}")
+        for i, item in enumerate(value):
+            errors += admission_errors(schema.get("items", {}), item, f"{path}[{i}]")
+    return errors
+
+
+def _assert_admitted(schema: dict[str, Any], spec: dict[str, Any]) -> None:
+    spec = copy.deepcopy(spec)
+    apply_defaults(schema, spec)
+    errors = admission_errors(schema, spec)
+    assert not errors, "\n".join(errors)
+
+
+def _assert_refused(schema: dict[str, Any], spec: dict[str, Any], message: str) -> None:
+    apply_defaults(schema, spec)
+    errors = admission_errors(schema, spec)
+    assert any(message in e for e in errors), f"not refused with '{message}': {errors or 'admitted'}"
 
 
 def _config_map_refs(spec: dict[str, Any]) -> Iterator[str]:
