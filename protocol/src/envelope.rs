@@ -136,7 +136,9 @@ fn parse_frame(frame: &Bytes) -> Result<Frame, FrameError> {
             computed,
         });
     }
-    let id = data[0];
+    let Some(&id) = data.first() else {
+        return Err(FrameError::Truncated { offset: HEAD_LEN });
+    };
     let codec = Codec::from_id(id).ok_or(FrameError::UnknownCodec {
         id,
         offset: HEAD_LEN,
