@@ -929,7 +929,14 @@ def check_metric_names(runner: Runner) -> None:
             "charted but not registered by listener/operator/telemetry: " + ", ".join(unknown)
         )
 
+    def all_charted() -> None:
+        dashboard = {re.sub(r"_(bucket|sum|count)$", "", n)
+                     for n in re.findall(r"\btrackgate_[a-z0-9_]+", DASHBOARD.read_text())}
+        uncharted = sorted(registered_names() - dashboard)
+        assert not uncharted, "registered but on no dashboard panel: " + ", ".join(uncharted)
+
     runner.check("every metric the alerts and dashboard use is registered in the code", all_registered)
+    runner.check("every metric the code registers has a dashboard panel", all_charted)
 
 
 # === Main ===
