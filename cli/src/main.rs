@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 mod decode;
+mod run;
 mod simulate;
 
 #[derive(Parser)]
@@ -42,6 +43,9 @@ enum Command {
     },
     /// Print the TrackerPortPool CustomResourceDefinition as YAML.
     Crd,
+    /// Run a whole TrackerPortPool on this machine, no cluster: allocate its ports as the
+    /// operator would, write the shard configs to a state directory and serve every shard.
+    Run(run::RunArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -55,6 +59,7 @@ fn main() -> anyhow::Result<()> {
         Command::Operator { admin_addr } => tokio::runtime::Runtime::new()?
             .block_on(trackgate_operator::run(admin_addr))
             .map_err(Into::into),
+        Command::Run(args) => run::run(args),
         Command::Crd => {
             print!("{}", trackgate_operator::crd_yaml());
             Ok(())

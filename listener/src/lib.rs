@@ -47,7 +47,24 @@ pub use sink::MAX_BATCH_CALLS;
 /// [`StartError`] when the config, a port, the admin address or the Redis URL is unusable.
 pub async fn run(config: PathBuf, admin_addr: SocketAddr) -> Result<(), StartError> {
     trackgate_telemetry::init_logging(trackgate_telemetry::LogFormat::from_env());
-    let (options, from_env) = ListenerOptions::from_env();
+    serve(vec![ShardSource::File(config)], admin_addr, None).await
+}
+
+/// Serves `sources` (one or several shards) in one process with an admin server until SIGTERM
+/// or Ctrl-C, then shuts down gracefully. `bind_ip` overrides where device ports are bound.
+/// Logging must already be set up. `trackgate run <pool.yaml>` serves a whole pool this way.
+///
+/// # Errors
+/// [`StartError`] when a config, a port, the admin address or the Redis URL is unusable.
+pub async fn serve(
+    sources: Vec<ShardSource>,
+    admin_addr: SocketAddr,
+    bind_ip: Option<std::net::IpAddr>,
+) -> Result<(), StartError> {
+    let (mut options, from_env) = ListenerOptions::from_env();
+    if let Some(ip) = bind_ip {
+        options.bind_ip = ip;
+    }
     if from_env {
         info!(
             "Redis URL from {}",
@@ -66,13 +83,7 @@ pub async fn run(config: PathBuf, admin_addr: SocketAddr) -> Result<(), StartErr
     let admin = tokio::net::TcpListener::bind(admin_addr)
         .await
         .map_err(StartError::Admin)?;
-    let listener = Listener::start(
-        options,
-        vec![ShardSource::File(config)],
-        &registry,
-        health.clone(),
-    )
-    .await?;
+    let listener = Listener::start(options, sources, &registry, health.clone()).await?;
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(trackgate_telemetry::serve(
         admin,
