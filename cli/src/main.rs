@@ -23,7 +23,7 @@ enum Command {
     /// Decode a Teltonika packet given as hex (argument or stdin) and print it as JSON.
     Decode(decode::DecodeArgs),
     /// Simulate Teltonika devices against a listener; report rate and latency; verify Redis.
-    Simulate(simulate::SimulateArgs),
+    Simulate(Box<simulate::SimulateArgs>),
     /// Serve a listener shard: device ports, Redis Streams (URL from TRACKGATE_REDIS_URL),
     /// /metrics /livez /readyz on the admin address; SIGTERM shuts down gracefully.
     Listen {
@@ -52,7 +52,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Decode(args) => decode::run(args),
-        Command::Simulate(args) => simulate::run_simulate(args),
+        Command::Simulate(args) => simulate::run_simulate(*args),
         Command::Listen { config, admin_addr } => tokio::runtime::Runtime::new()?
             .block_on(trackgate_listener::run(config, admin_addr))
             .map_err(Into::into),

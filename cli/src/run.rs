@@ -117,11 +117,12 @@ fn plan(pool_file: &Path, state_dir: &Path) -> anyhow::Result<Plan> {
     Ok(Plan { text, shard_files })
 }
 
+/// ConfigMap data by ConfigMap name, then key.
+type ConfigMapData = HashMap<String, BTreeMap<String, String>>;
+
 /// Splits a multi-document YAML file into its one TrackerPortPool and the data of its
 /// ConfigMaps (by name). Other kinds (a Secret, a Namespace) are ignored.
-fn parse_documents(
-    text: &str,
-) -> anyhow::Result<(TrackerPortPool, HashMap<String, BTreeMap<String, String>>)> {
+fn parse_documents(text: &str) -> anyhow::Result<(TrackerPortPool, ConfigMapData)> {
     #[derive(Deserialize)]
     struct ConfigMapDoc {
         metadata: NameOnly,
