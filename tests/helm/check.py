@@ -608,6 +608,37 @@ def dashboard_exprs() -> list[tuple[str, str]]:
     return out
 
 
+def check_dashboard_layout(runner: Runner) -> None:
+    """What Grafana would show wrong without complaining: clashing ids, panels off the 24-column
+    grid or on top of each other, a panel bound to a fixed data source."""
+    dash = json.loads(DASHBOARD.read_text())
+    panels = dash["panels"]
+
+    def ids_unique() -> None:
+        ids = [p["id"] for p in panels]
+        assert len(ids) == len(set(ids)), f"duplicate panel ids {sorted(ids)}"
+        assert dash["uid"] == "trackgate", "the uid is what links and provisioning refer to"
+
+    def grid() -> None:
+        cells: dict[tuple[int, int], str] = {}
+        for p in panels:
+            g = p["gridPos"]
+            assert g["x"] >= 0 and g["x"] + g["w"] <= 24, f"'{p['title']}' leaves the 24-column grid"
+            for x in range(g["x"], g["x"] + g["w"]):
+                for y in range(g["y"], g["y"] + g["h"]):
+                    assert (x, y) not in cells, f"'{p['title']}' overlaps '{cells[(x, y)]}'"
+                    cells[(x, y)] = p["title"]
+
+    def datasource_variable() -> None:
+        fixed = [p["title"] for p in panels for t in p.get("targets", [])
+                 if t.get("datasource", {}).get("uid") != "${datasource}"]
+        assert not fixed, f"panels not on the $datasource variable: {fixed}"
+
+    runner.check("dashboard: unique panel ids and uid `trackgate`", ids_unique)
+    runner.check("dashboard: panels on the 24-column grid, none overlapping", grid)
+    runner.check("dashboard: every query uses the $datasource variable", datasource_variable)
+
+
 def grafana_to_promql(expr: str) -> str:
     """Grafana expands its variables before PromQL sees the query; do the same."""
     expr = re.sub(r"\$__(rate_interval|interval|range)\b", "5m", expr)
@@ -989,6 +1020,7 @@ def main() -> int:
     section(runner, check_generated)
     section(runner, check_examples)
     section(runner, check_metric_names)
+    section(runner, check_dashboard_layout)
     if shutil.which("prometheus"):
         section(runner, check_promql)
 
