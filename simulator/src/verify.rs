@@ -152,25 +152,33 @@ pub async fn verify(
                 .await?;
             for (_, flat) in &page {
                 result.entries_read += 1;
-                let fields: HashMap<&str, &str> = flat
-                    .chunks_exact(2)
-                    .map(|kv| (kv[0].as_str(), kv[1].as_str()))
-                    .collect();
-                let Some(imei) = fields.get("imei").copied().filter(|i| ours.contains(i)) else {
+                // A linear scan of the ~14 fields beats building a map per entry.
+                let mut values = [""; RECORD_FIELDS.len()];
+                let (mut imei, mut recv) = (None, None);
+                for kv in flat.chunks_exact(2) {
+                    let (name, value) = (kv[0].as_str(), kv[1].as_str());
+                    match name {
+                        "imei" => imei = Some(value),
+                        "recv" => recv = Some(value),
+                        _ => {
+                            if let Some(i) = RECORD_FIELDS.iter().position(|f| *f == name) {
+                                values[i] = value;
+                            }
+                        }
+                    }
+                }
+                let Some(imei) = imei.filter(|i| ours.contains(i)) else {
                     continue;
                 };
-                let parse = |name: &str| fields.get(name).and_then(|v| v.parse::<u64>().ok());
-                let (Ok(imei), Some(ts), Some(recv)) =
-                    (imei.parse::<u64>(), parse("ts"), parse("recv"))
-                else {
+                let (Ok(imei), Ok(ts), Some(Ok(recv))) = (
+                    imei.parse::<u64>(),
+                    values[0].parse::<u64>(),
+                    recv.map(str::parse::<u64>),
+                ) else {
                     result.malformed += 1;
                     continue;
                 };
-                let entry_key = record_key(
-                    RECORD_FIELDS
-                        .iter()
-                        .map(|f| fields.get(f).copied().unwrap_or("")),
-                );
+                let entry_key = record_key(values);
                 let id = (imei, ts, entry_key);
                 if let Some(copies) = expected.get_mut(&id) {
                     *copies += 1;

@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# Listener benchmarks for docs/benchmarks.md ("## Listener"): one run, one machine, a real
+# redis-server, the release `trackgate` binary as listener and as simulator.
+#
+#   cargo build --release -p trackgate
+#   simulator/bench/listener.sh [path/to/trackgate] [part...]
+#
+# Parts (default: all): ceiling max latency idle.
+#   ceiling  redis-benchmark running the listener's own store_readings script (EVALSHA), same
+#            entry shape, records per call and dedup work: the Redis ceiling.
+#   max      records/s the listener stores (dedup on) with devices sending as fast as acked.
+#   latency  ack latency at 50% and 80% of the measured maximum (needs `max` in the same run,
+#            or MAX_RATE=<records/s>).
+#   idle     RSS per idle connection at IDLE_DEVICES connections, then SIGKILL + restart of the
+#            listener and the time until every device is logged in again.
+#
+# Knobs (env): DEVICES=200 RPF=10 SECONDS_MAX=20 SECONDS_LAT=15 IDLE_DEVICES=19000
+# BENCH_CLIENTS=50 BENCH_PIPELINE=16 BENCH_CALLS=200000.
+set -euo pipefail
+
+BIN=${1:-target/release/trackgate}
+shift || true
+PARTS=${*:-ceiling max latency idle}
+DEVICES=${DEVICES:-200}
+RPF=${RPF:-10}
+SECONDS_MAX=${SECONDS_MAX:-20}
+SECONDS_LAT=${SECONDS_LAT:-15}
+IDLE_DEVICES=${IDLE_DEVICES:-19000}
+BENCH_CLIENTS=${BENCH_CLIENTS:-50}
+BENCH_PIPELINE=${BENCH_PIPELINE:-16}
+BENCH_CALLS=${BENCH_CALLS:-200000}
+REDIS_PORT=${REDIS_PORT:-16400}
+DEVICE_PORT=${DEVICE_PORT:-17100}
+ADMIN_PORT=${ADMIN_PORT:-19100}
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+WORK=$(mktemp -d)
+export TRACKGATE_REDIS_URL="redis://127.0.0.1:${REDIS_PORT}/"
+export RUST_LOG=${RUST_LOG:-warn}
+
+REDIS_PID=""
+LISTENER_PID=""
+cleanup() {
+  [[ -n "$LISTENER_PID" ]] && kill -9 "$LISTENER_PID" 2>/dev/null || true
+  [[ -n "$REDIS_PID" ]] && kill "$REDIS_PID" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+say() { printf '\n=== %s\n' "$*"; }
+rcli() { redis-cli -p "$REDIS_PORT" "$@"; }
+
+start_redis() {
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+    --dir "$WORK" >/dev/null &
+  REDIS_PID=$!
+  until rcli ping >/dev/null 2>&1; do sleep 0.05; done
+}
+
+# shard_config <file> <devices> <ports>: shared mode, IMEIs from 356000000000000 up.
+shard_config() {
+  python3 - "$1" "$2" "$3" "$DEVICE_PORT" <<'EOF'
+import json, sys
+path, n, ports, first = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+json.dump({
+    "pool": "bench", "shard": 0, "mode": "shared",
+    "ports": [{"port": first + i} for i in range(ports)],
+    "devices": [str(356000000000000 + i) for i in range(n)],
+    # No connection cap below the fd limit, and no accept-rate spreading: the benchmark
+    # measures how fast one process can take the fleet back.
+    "limits": {"maxConnections": 20000, "acceptRatePerSecond": 100000},
+    "redis": {"streamPrefix": "trackgate", "partitions": 4, "maxLen": 1000000},
+}, open(path, "w"))
+EOF
+}
+
+start_listener() {
+  "$BIN" listen --config "$1" --admin-addr "127.0.0.1:${ADMIN_PORT}" 2>>"$WORK/listener.log" &
+  LISTENER_PID=$!
+  until (exec 3<>"/dev/tcp/127.0.0.1/${DEVICE_PORT}") 2>/dev/null; do sleep 0.02; done
+}
+
+connections_open() {
+  curl -s "http://127.0.0.1:${ADMIN_PORT}/metrics" |
+    awk '/^trackgate_listener_connections_open/ {s += $2} END {print s + 0}'
+}
+
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+
+start_redis
+
+if [[ " $PARTS " == *" ceiling "* ]]; then
+  say "ceiling: redis-benchmark EVALSHA store_readings, ${RPF} records/call, ${BENCH_CLIENTS} clients, pipeline ${BENCH_PIPELINE}"
+  # The script text, exactly as the listener sends it.
+  sed -n '/^const STORE_READINGS: &str = r"$/,/^";$/p' "$ROOT/listener/src/sink.rs" |
+    sed '1d;$d' >"$WORK/store_readings.lua"
+  SHA=$(rcli -x SCRIPT LOAD <"$WORK/store_readings.lua")
+  # One record's 10 field values, as a simulated Codec 8E device produces them.
+  RECORD=(1763700000000 54.6872345 -3.1000000 120 215 11 63 0 0
+    '{"16":43122,"21":4,"24":63,"66":12873,"67":4012,"78":1311768467463790320,"239":1,"240":1,"256":"57565a5a5a314b5a3132333435363738"}')
+  ARGS=()
+  for ((i = 0; i < RPF; i++)); do
+    # Fingerprint: four random 12-digit parts, so no two records collide (every call does
+    # the full dedup miss + XADD + ZADD work); the device set key draws from DEVICES devices.
+    ARGS+=("__rand_int____rand_int____rand_int____rand_int__" "${RECORD[@]}")
+  done
+  rcli FLUSHALL >/dev/null
+  redis-benchmark -p "$REDIS_PORT" -q -n "$BENCH_CALLS" -c "$BENCH_CLIENTS" -P "$BENCH_PIPELINE" \
+    -r "$DEVICES" \
+    EVALSHA "$SHA" 2 'trackgate:{bench:0}:readings' 'trackgate:{bench:0}:seen:__rand_int__' \
+    1000000 128 604800000 356000000000000 8e 17100 1763700000000 "${ARGS[@]}" |
+    tr '\r' '\n' | tail -1 | sed 's/.*: \([0-9.]* requests per second\)/\1/' | tee "$WORK/ceiling.txt"
+  CALLS=$(grep -oE '[0-9.]+ requests per second' "$WORK/ceiling.txt" | cut -d' ' -f1)
+  echo "ceiling: $CALLS calls/s x $RPF = $(python3 -c "print(round($CALLS * $RPF))") records/s"
+  echo "entries stored: $(rcli XLEN 'trackgate:{bench:0}:readings') (expected $((BENCH_CALLS * RPF)))"
+fi
+
+if [[ " $PARTS " == *" max "* || " $PARTS " == *" latency "* ]]; then
+  shard_config "$WORK/shard.json" "$DEVICES" 1
+  rcli FLUSHALL >/dev/null
+  start_listener "$WORK/shard.json"
+fi
+
+if [[ " $PARTS " == *" max "* ]]; then
+  say "max: ${DEVICES} devices, ${RPF} records/frame, as fast as acked, ${SECONDS_MAX}s, verified"
+  "$BIN" simulate --config "$WORK/shard.json" --records-per-frame "$RPF" \
+    --duration "${SECONDS_MAX}s" --verify --json >"$WORK/max.json"
+  python3 - "$WORK/max.json" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+rep, v = r["report"], r["verification"]
+l = rep["latency"]
+print(f"max: {rep['records_per_second']:.0f} records/s, p50 {l['p50_us']/1000:.2f} ms, "
+      f"p99 {l['p99_us']/1000:.2f} ms, p99.9 {l['p999_us']/1000:.2f} ms; "
+      f"verify missing={v['missing']} duplicated={v['duplicated']}")
+EOF
+  MAX_RATE=$(python3 -c "import json;print(json.load(open('$WORK/max.json'))['report']['records_per_second'])")
+fi
+
+if [[ " $PARTS " == *" latency "* ]]; then
+  for pct in 50 80; do
+    RATE=$(python3 -c "print(round(${MAX_RATE:?run max first or set MAX_RATE} * $pct / 100))")
+    say "latency at ${pct}% of max: --rate ${RATE}"
+    "$BIN" simulate --config "$WORK/shard.json" --records-per-frame "$RPF" --rate "$RATE" \
+      --duration "${SECONDS_LAT}s" | grep -E 'acked|latency|errors'
+  done
+fi
+
+if [[ -n "$LISTENER_PID" ]]; then
+  kill -TERM "$LISTENER_PID"; wait "$LISTENER_PID" 2>/dev/null || true; LISTENER_PID=""
+fi
+
+if [[ " $PARTS " == *" idle "* ]]; then
+  say "idle: ${IDLE_DEVICES} idle connections on 2 shared ports (ulimit -n $(ulimit -n))"
+  shard_config "$WORK/idle.json" "$IDLE_DEVICES" 2
+  rcli FLUSHALL >/dev/null
+  start_listener "$WORK/idle.json"
+  sleep 1
+  BEFORE=$(rss_kb "$LISTENER_PID")
+  "$BIN" simulate --config "$WORK/idle.json" --idle --duration 300s --drain 1s \
+    --backoff-max 2s >"$WORK/idle.txt" 2>&1 &
+  SIM_PID=$!
+  T0=$(date +%s.%N)
+  while (($(connections_open) < IDLE_DEVICES)); do sleep 0.1; done
+  T1=$(date +%s.%N)
+  sleep 2
+  AFTER=$(rss_kb "$LISTENER_PID")
+  python3 -c "
+n=$IDLE_DEVICES; b=$BEFORE; a=$AFTER
+print(f'login of {n} devices: {$T1-$T0:.2f} s; listener RSS {b} KiB -> {a} KiB: {(a-b)*1024/n:.0f} B per connection')"
+
+  say "restart: SIGKILL the listener, start it again, wait for ${IDLE_DEVICES} logins"
+  kill -9 "$LISTENER_PID"; wait "$LISTENER_PID" 2>/dev/null || true
+  T2=$(date +%s.%N)
+  start_listener "$WORK/idle.json"
+  while (($(connections_open) < IDLE_DEVICES)); do sleep 0.1; done
+  T3=$(date +%s.%N)
+  python3 -c "print(f'all {$IDLE_DEVICES} devices logged in again {$T3-$T2:.2f} s after the kill')"
+  kill -INT "$SIM_PID" 2>/dev/null || true
+  wait "$SIM_PID" 2>/dev/null || true
+fi
