@@ -3,7 +3,6 @@
 
 CARGO ?= cargo
 CRD := crds/trackerportpools.trackgate.dev.yaml
-CHART_CRD := charts/trackgate/crds/trackerportpools.trackgate.dev.yaml
 GENERATED := crds charts/trackgate deploy/rendered deploy/dashboards deploy/alerts
 
 .PHONY: ci generate drift fmt lint doc test sansio fuzz-smoke deny helm bench
@@ -13,7 +12,6 @@ ci: fmt lint doc test drift sansio fuzz-smoke deny helm
 # Regenerates every generated file: the CRD, its chart copy, and what deploy/ renders from the chart.
 generate:
 	$(CARGO) run -q --locked -p trackgate -- crd > $(CRD)
-	cp $(CRD) $(CHART_CRD)
 	bash deploy/generate.sh
 
 drift: generate

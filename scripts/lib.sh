@@ -3,19 +3,23 @@
 
 APT_UPDATED=${APT_UPDATED:-}
 
-# ensure_cmd <command> <debian package>: installs the package when the command is missing.
-ensure_cmd() {
-  command -v "$1" >/dev/null 2>&1 && return 0
+# apt_install <debian package>: installs it (root only; `apt-get update` once per run).
+apt_install() {
   if [ "$(id -u)" != 0 ]; then
-    echo "missing '$1': install the Debian package '$2' (needs root)" >&2
+    echo "missing the Debian package '$1': install it (needs root)" >&2
     return 1
   fi
   if [ -z "$APT_UPDATED" ]; then
     apt-get update -qq
     APT_UPDATED=1
   fi
-  echo "installing $2 (for $1)"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$2" >/dev/null
+  echo "installing $1"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$1" >/dev/null
+}
+
+# ensure_cmd <command> <debian package>: installs the package when the command is missing.
+ensure_cmd() {
+  command -v "$1" >/dev/null 2>&1 || apt_install "$2"
 }
 
 # ensure_cargo_tool <command> <crate>: installs a cargo subcommand from crates.io when missing.
@@ -27,13 +31,8 @@ ensure_cargo_tool() {
 
 # ensure_venv: the project-local Python venv (.venv) with the pinned tools of tests/helm.
 ensure_venv() {
-  local req=tests/helm/requirements.txt
-  if [ ! -x .venv/bin/python ]; then
-    ensure_cmd python3 python3
-    python3 -m venv .venv 2>/dev/null || { ensure_cmd python3 python3-venv && rm -rf .venv && python3 -m venv .venv; }
-  fi
-  if [ -f "$req" ] && ! cmp -s "$req" .venv/.requirements 2>/dev/null; then
-    .venv/bin/pip install --quiet --disable-pip-version-check -r "$req"
-    cp "$req" .venv/.requirements
-  fi
+  ensure_cmd python3 python3
+  python3 -c 'import ensurepip, venv' 2>/dev/null || apt_install python3-venv
+  . tests/helm/venv.sh
+  trackgate_venv
 }
