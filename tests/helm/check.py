@@ -826,6 +826,35 @@ def _fail(msg: str) -> None:
     raise AssertionError(msg)
 
 
+def check_prometheus_config(runner: Runner) -> None:
+    """deploy/prometheus/prometheus.yml through `promtool check config`. Debian's Prometheus is
+    built without Kubernetes service discovery, so its kubernetes_sd_configs are swapped for a
+    static target first; the relabelling, the rule file and the rest are checked as written."""
+    path = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+    config = yaml.safe_load(path.read_text())
+    jobs = {c["job_name"] for c in config["scrape_configs"]}
+
+    def jobs_match_the_rules() -> None:
+        used = set(re.findall(r'job="([^"]+)"', RULES.read_text()))
+        assert used <= jobs, f"rules use jobs {sorted(used - jobs)} the example config lacks"
+
+    def promtool_accepts() -> None:
+        for job in config["scrape_configs"]:
+            if job.pop("kubernetes_sd_configs", None) is not None:
+                job["static_configs"] = [{"targets": ["127.0.0.1:9090"]}]
+        config["rule_files"] = [str((path.parent / f).resolve()) for f in config["rule_files"]]
+        with tempfile.TemporaryDirectory() as tmp:
+            copy_path = Path(tmp) / "prometheus.yml"
+            copy_path.write_text(yaml.safe_dump(config))
+            _promtool(["check", "config", str(copy_path)])
+
+    runner.check("deploy/prometheus/prometheus.yml defines the jobs the alerts select", jobs_match_the_rules)
+    runner.check(
+        "promtool check config deploy/prometheus/prometheus.yml (Kubernetes SD swapped for a static target)",
+        promtool_accepts,
+    )
+
+
 class Prometheus:
     """A throw-away Prometheus on a free loopback port, loading our rule file."""
 
@@ -1017,6 +1046,7 @@ def main() -> int:
         if shutil.which("promtool"):
             section(runner, check_promtool, all_on)
             section(runner, check_alert_behaviour)
+            section(runner, check_prometheus_config)
     section(runner, check_generated)
     section(runner, check_examples)
     section(runner, check_metric_names)
