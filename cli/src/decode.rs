@@ -38,7 +38,7 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
         args.hex.join(" ")
     };
     let value = decode_text(&text, args.udp)?;
-    println!("{}", serde_json::to_string_pretty(&value)?);
+    crate::print_stdout(&format!("{}\n", serde_json::to_string_pretty(&value)?))?;
     Ok(())
 }
 

@@ -61,8 +61,18 @@ fn main() -> anyhow::Result<()> {
             .map_err(Into::into),
         Command::Run(args) => run::run(args),
         Command::Crd => {
-            print!("{}", trackgate_operator::crd_yaml());
-            Ok(())
+            print_stdout(&trackgate_operator::crd_yaml())
         }
+    }
+}
+
+/// Writes data to stdout. A closed pipe (`trackgate decode … | head`) ends the output quietly
+/// instead of panicking as `print!` does.
+fn print_stdout(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
     }
 }
