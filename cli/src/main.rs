@@ -48,8 +48,19 @@ enum Command {
     Run(run::RunArgs),
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+/// Errors end as one line on stderr and exit status 1 (never a backtrace: a bad packet given
+/// to `decode` is an answer, not a crash).
+fn main() -> std::process::ExitCode {
+    match dispatch(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Decode(args) => decode::run(args),
         Command::Simulate(args) => simulate::run_simulate(*args),
@@ -60,9 +71,7 @@ fn main() -> anyhow::Result<()> {
             .block_on(trackgate_operator::run(admin_addr))
             .map_err(Into::into),
         Command::Run(args) => run::run(args),
-        Command::Crd => {
-            print_stdout(&trackgate_operator::crd_yaml())
-        }
+        Command::Crd => print_stdout(&trackgate_operator::crd_yaml()),
     }
 }
 
