@@ -6,12 +6,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use trackgate_api::{IdentificationMode, ShardConfig};
 use trackgate_protocol::Limits;
 
 use crate::error::StartError;
+use crate::sink::ShardKeys;
 
 /// Reads and validates a shard config file.
 ///
@@ -61,6 +63,8 @@ pub(crate) struct ShardView {
     port_owner: HashMap<u16, Option<String>>,
     /// Dedicated mode: every owner; shared mode: the admitted devices.
     imeis: HashSet<String>,
+    /// Redis key parts, shared by every session of this version.
+    pub(crate) keys: Arc<ShardKeys>,
 }
 
 impl ShardView {
@@ -77,6 +81,7 @@ impl ShardView {
             IdentificationMode::Shared => config.devices.iter().cloned().collect(),
         };
         Self {
+            keys: Arc::new(ShardKeys::new(&config)),
             config,
             port_owner,
             imeis,

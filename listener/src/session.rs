@@ -60,9 +60,9 @@ where
     let mut session = Session {
         stream,
         buf: BytesMut::new(),
-        keys: ShardKeys::new(&view.config),
+        keys: Arc::clone(&view.keys),
         view: ctx.view.clone(),
-        peer: peer.to_string(),
+        peer,
         port,
         imei: None,
         ctx,
@@ -90,9 +90,9 @@ where
 struct Session<S> {
     stream: S,
     buf: BytesMut,
-    keys: ShardKeys,
+    keys: Arc<ShardKeys>,
     view: watch::Receiver<Arc<ShardView>>,
-    peer: String,
+    peer: SocketAddr,
     port: u16,
     imei: Option<Imei>,
     ctx: Arc<ShardContext>,
@@ -232,7 +232,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.on_command(&command, imei);
                 Ok(())
             }
-            Frame::Avl(packet) => self.store_and_ack(packet, size, imei).await,
+            // NB: boxed so that an idle session's state machine does not reserve room for the
+            // publish path (retry timer, channel send, oneshot): that space is only needed while
+            // a frame is being stored, and idle connections are what a listener holds most of.
+            Frame::Avl(packet) => Box::pin(self.store_and_ack(packet, size, imei)).await,
         }
     }
 
@@ -337,9 +340,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     fn event(&self, event: Event<'_>) {
-        self.ctx
-            .sink
-            .event(&self.keys, self.port, &self.peer, event);
+        self.ctx.sink.event(&self.keys, self.port, self.peer, event);
     }
 }
 
@@ -518,6 +519,17 @@ mod tests {
         let mut rest = Vec::new();
         device.read_to_end(&mut rest).await.unwrap();
         assert!(rest.is_empty());
+    }
+
+    /// Guards the memory per idle connection (goal ≤ 3 KB in all): the session's state
+    /// machine must not reserve room for the publish path, which is boxed (1.5 KB before).
+    #[tokio::test]
+    async fn an_idle_session_state_machine_stays_small() {
+        let (ctx, _jobs, _view) = setup();
+        let (_device, server) = tokio::io::duplex(64);
+        let session = run(server, "10.0.0.1:40000".parse().unwrap(), 5000, ctx);
+        let size = std::mem::size_of_val(&session);
+        assert!(size <= 1200, "session future is {size} bytes");
     }
 
     #[tokio::test]

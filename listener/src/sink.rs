@@ -27,6 +27,7 @@
 //! same as the stream entry itself), i.e. gigabytes per day for a large fleet. The set expires
 //! `dedup_ttl` after the device's last stored record, so removed devices leave nothing behind.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -347,7 +348,7 @@ impl Sink {
     }
 
     /// Queues an event for `<prefix>:{<pool>}:events` (best effort).
-    pub(crate) fn event(&self, keys: &ShardKeys, port: u16, peer: &str, event: Event<'_>) {
+    pub(crate) fn event(&self, keys: &ShardKeys, port: u16, peer: SocketAddr, event: Event<'_>) {
         let mut cmd = redis::cmd("XADD");
         cmd.arg(keys::events_key(&keys.prefix, &keys.pool))
             .arg("MAXLEN")
@@ -400,7 +401,7 @@ impl Sink {
             .arg("port")
             .arg(port)
             .arg("peer")
-            .arg(peer)
+            .arg(peer.to_string())
             .arg("pod")
             .arg(&*self.pod)
             .arg("ts")

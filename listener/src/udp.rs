@@ -18,7 +18,7 @@ use trackgate_telemetry::Heartbeat;
 
 use crate::config::Admission;
 use crate::session::{ShardContext, publish};
-use crate::sink::{Event, ShardKeys, now_ms};
+use crate::sink::{Event, now_ms};
 
 /// Largest UDP payload over IPv4.
 const MAX_DATAGRAM: usize = 65_507;
@@ -81,8 +81,7 @@ async fn handle(
         .with_label_values(&[pool])
         .inc_by(datagram.len() as u64);
     let view = Arc::clone(&ctx.view.borrow());
-    let keys = ShardKeys::new(&view.config);
-    let peer_text = peer.to_string();
+    let keys = Arc::clone(&view.keys);
     let parsed = match decode_udp(datagram, &view.frame_limits()) {
         Ok(parsed) => parsed,
         Err(err) => {
@@ -94,7 +93,7 @@ async fn handle(
             ctx.sink.event(
                 &keys,
                 port,
-                &peer_text,
+                peer,
                 Event::DecodeError {
                     imei: None,
                     reason: err.reason(),
@@ -120,7 +119,7 @@ async fn handle(
         ctx.sink.event(
             &keys,
             port,
-            &peer_text,
+            peer,
             Event::Login {
                 imei: imei.as_str(),
                 result: admission.label(),
