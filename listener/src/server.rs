@@ -400,8 +400,18 @@ impl Shard {
                 }
             }
         }
+        // A port that cannot be bound (still in use) does not stop the others; the first error
+        // is returned and the file watcher retries on its next tick.
+        let mut first_error = None;
         for (port, tcp) in to_bind {
-            let bound = self.bind(port, tcp, udp, env).await?;
+            let bound = match self.bind(port, tcp, udp, env).await {
+                Ok(bound) => bound,
+                Err(err) => {
+                    warn!(%err, "binding a port of the shard config");
+                    first_error.get_or_insert(err);
+                    continue;
+                }
+            };
             let mut ports = lock(&self.ports);
             match (ports.get_mut(&port), bound) {
                 (Some(handle), (None, udp)) => handle.udp = udp,
@@ -411,7 +421,7 @@ impl Shard {
                 _ => {}
             }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     #[allow(clippy::type_complexity)]
@@ -488,6 +498,7 @@ impl Shard {
                 env.freeze.subscribe(),
                 env.tracker.clone(),
             ));
+            info!(pool = %self.ctx.pool, shard = self.index, %local, "udp port bound");
             udp_bound = Some((local, stop));
         }
         Ok((tcp_bound, udp_bound))
@@ -588,18 +599,19 @@ async fn watch_file(path: PathBuf, mut last: String, shard: Arc<Shard>, env: Arc
                 continue;
             }
         };
-        // Remember bad content too, so a broken file is logged once, not every second.
-        last.clone_from(&text);
         match ShardConfig::from_json(&text) {
             Ok(config) => {
                 info!(path = %path.display(), ports = config.ports.len(), "shard config changed: reloading");
                 let result = shard.apply(config, &env).await;
-                if let Err(err) = &result {
-                    warn!(%err, "reload incomplete");
-                }
                 env.health.set_ready(PORTS_READY, result.is_ok());
+                // A port that could not be bound is retried on the next tick.
+                if result.is_ok() {
+                    last = text;
+                }
             }
             Err(err) => {
+                // Remembered, so a broken file is logged once, not every second.
+                last = text;
                 warn!(path = %path.display(), %err, "invalid shard config; keeping the current one");
             }
         }
