@@ -10,7 +10,8 @@
 //!
 //! What it is: [`Listener`] serves one or several shard configs in one process, sharing one
 //! Redis publisher, one metrics registry and one [`trackgate_telemetry::Health`]; [`run`] is
-//! the `trackgate listen` command around it (admin server, signals). What it is not: no
+//! the `trackgate listen` command around it and [`serve`] the same for several shards
+//! (`trackgate run`): admin server, signals, graceful shutdown. What it is not: no
 //! protocol parsing (that is `trackgate-protocol`), no Kubernetes client.
 //!
 //! Module map: `server` (accept loops, limits, reload, shutdown), `session` (one device),
@@ -26,7 +27,7 @@ mod session;
 mod sink;
 mod udp;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use prometheus::Registry;
@@ -40,8 +41,7 @@ pub use metrics::{METRIC_NAMES, Metrics};
 pub use server::{BoundPort, DEFAULT_REDIS_URL, Listener, ListenerOptions, ShardSource};
 pub use sink::MAX_BATCH_CALLS;
 
-/// `trackgate listen`: serve one shard config with an admin server until SIGTERM or Ctrl-C,
-/// then shut down gracefully.
+/// `trackgate listen`: sets up logging, then [`serve`]s one shard config file.
 ///
 /// # Errors
 /// [`StartError`] when the config, a port, the admin address or the Redis URL is unusable.
@@ -50,19 +50,21 @@ pub async fn run(config: PathBuf, admin_addr: SocketAddr) -> Result<(), StartErr
     serve(vec![ShardSource::File(config)], admin_addr, None).await
 }
 
-/// Serves `sources` (one or several shards) in one process with an admin server until SIGTERM
-/// or Ctrl-C, then shuts down gracefully. `bind_ip` overrides where device ports are bound.
-/// Logging must already be set up. `trackgate run <pool.yaml>` serves a whole pool this way.
+/// Serves one or several shards in this process with an admin server (`/metrics` with
+/// `trackgate_build_info`, `/livez`, `/readyz`) until SIGTERM or Ctrl-C, then shuts down
+/// gracefully. Options come from the environment ([`ListenerOptions::from_env`]); `bind`
+/// overrides the device ports' bind address (default `0.0.0.0`). This is `trackgate listen`
+/// (one file) and `trackgate run` (a whole pool).
 ///
 /// # Errors
 /// [`StartError`] when a config, a port, the admin address or the Redis URL is unusable.
 pub async fn serve(
     sources: Vec<ShardSource>,
     admin_addr: SocketAddr,
-    bind_ip: Option<std::net::IpAddr>,
+    bind: Option<IpAddr>,
 ) -> Result<(), StartError> {
     let (mut options, from_env) = ListenerOptions::from_env();
-    if let Some(ip) = bind_ip {
+    if let Some(ip) = bind {
         options.bind_ip = ip;
     }
     if from_env {
