@@ -124,18 +124,29 @@ struct Layout {
 }
 
 impl Layout {
+    const CODEC8: Layout = Layout {
+        codec: Codec::Codec8,
+        wide_ids: false,
+        wide_counts: false,
+    };
+    const CODEC8_EXT: Layout = Layout {
+        codec: Codec::Codec8Ext,
+        wide_ids: true,
+        wide_counts: true,
+    };
+    const CODEC16: Layout = Layout {
+        codec: Codec::Codec16,
+        wide_ids: true,
+        wide_counts: false,
+    };
+
     fn for_codec(codec: Codec) -> Option<Layout> {
-        let (wide_ids, wide_counts) = match codec {
-            Codec::Codec8 => (false, false),
-            Codec::Codec8Ext => (true, true),
-            Codec::Codec16 => (true, false),
-            _ => return None,
-        };
-        Some(Layout {
-            codec,
-            wide_ids,
-            wide_counts,
-        })
+        match codec {
+            Codec::Codec8 => Some(Layout::CODEC8),
+            Codec::Codec8Ext => Some(Layout::CODEC8_EXT),
+            Codec::Codec16 => Some(Layout::CODEC16),
+            _ => None,
+        }
     }
 
     #[inline]
@@ -196,13 +207,23 @@ pub(crate) fn decode_packet(r: &mut Reader<'_>) -> Result<AvlPacket, FrameError>
         id,
         offset: codec_at,
     })?;
-    let layout = Layout::for_codec(codec).ok_or(FrameError::UnexpectedCodec {
-        codec,
-        offset: codec_at,
-    })?;
-    decode_records(layout, r).map(|records| AvlPacket { codec, records })
+    // NB: one copy of the record loop per codec (`decode_records` is always inlined), so the
+    // field widths are constants in it and the per-field width branches fold away.
+    let records = match codec {
+        Codec::Codec8 => decode_records(Layout::CODEC8, r)?,
+        Codec::Codec8Ext => decode_records(Layout::CODEC8_EXT, r)?,
+        Codec::Codec16 => decode_records(Layout::CODEC16, r)?,
+        _ => {
+            return Err(FrameError::UnexpectedCodec {
+                codec,
+                offset: codec_at,
+            });
+        }
+    };
+    Ok(AvlPacket { codec, records })
 }
 
+#[inline(always)]
 fn decode_records(layout: Layout, r: &mut Reader<'_>) -> Result<Vec<AvlRecord>, FrameError> {
     let n1 = r.u8()?;
     // NB: capacity is bounded by what the remaining bytes can hold, never by the count alone.
@@ -223,6 +244,7 @@ fn decode_records(layout: Layout, r: &mut Reader<'_>) -> Result<Vec<AvlRecord>, 
     Ok(records)
 }
 
+#[inline(always)]
 fn decode_record(layout: Layout, r: &mut Reader<'_>) -> Result<AvlRecord, FrameError> {
     let record_at = r.pos();
     // NB: the fixed header and each IO group are bounds-checked once as a whole, then read
@@ -237,23 +259,48 @@ fn decode_record(layout: Layout, r: &mut Reader<'_>) -> Result<AvlRecord, FrameE
         _ => None,
     };
     let declared = layout.count(r)?;
-    // Each element takes at least two bytes (1-byte id + 1-byte value).
+    // Sized once from the declared total, so the groups never reallocate; each element takes
+    // at least two bytes (1-byte id + 1-byte value), which bounds what a lying count reserves.
     let mut io = Vec::with_capacity(usize::from(declared).min(r.remaining() / 2));
     let mut found: u32 = 0;
     for group in 0..4 {
         let n = layout.count(r)?;
         found += u32::from(n);
-        let n = usize::from(n);
+        let (n, io) = (usize::from(n), &mut io);
+        // The group loop is unrolled and `layout` is a constant: one arm survives per group.
         match (layout.wide_ids, group) {
-            (false, 0) => read_group::<1, 1>(r, n, &mut io)?,
-            (false, 1) => read_group::<1, 2>(r, n, &mut io)?,
-            (false, 2) => read_group::<1, 4>(r, n, &mut io)?,
-            (false, _) => read_group::<1, 8>(r, n, &mut io)?,
-            (true, 0) => read_group::<2, 1>(r, n, &mut io)?,
-            (true, 1) => read_group::<2, 2>(r, n, &mut io)?,
-            (true, 2) => read_group::<2, 4>(r, n, &mut io)?,
-            (true, _) => read_group::<2, 8>(r, n, &mut io)?,
-        }
+            (false, 0) => read_group(r, n, io, |&[id, v]: &[u8; 2]| (id.into(), IoValue::U8(v))),
+            (false, 1) => read_group(r, n, io, |&[id, v @ ..]: &[u8; 3]| {
+                (id.into(), IoValue::U16(u16::from_be_bytes(v)))
+            }),
+            (false, 2) => read_group(r, n, io, |&[id, v @ ..]: &[u8; 5]| {
+                (id.into(), IoValue::U32(u32::from_be_bytes(v)))
+            }),
+            (false, _) => read_group(r, n, io, |&[id, v @ ..]: &[u8; 9]| {
+                (id.into(), IoValue::U64(u64::from_be_bytes(v)))
+            }),
+            (true, 0) => read_group(r, n, io, |&[a, b, v]: &[u8; 3]| {
+                (u16::from_be_bytes([a, b]), IoValue::U8(v))
+            }),
+            (true, 1) => read_group(r, n, io, |&[a, b, v @ ..]: &[u8; 4]| {
+                (
+                    u16::from_be_bytes([a, b]),
+                    IoValue::U16(u16::from_be_bytes(v)),
+                )
+            }),
+            (true, 2) => read_group(r, n, io, |&[a, b, v @ ..]: &[u8; 6]| {
+                (
+                    u16::from_be_bytes([a, b]),
+                    IoValue::U32(u32::from_be_bytes(v)),
+                )
+            }),
+            (true, _) => read_group(r, n, io, |&[a, b, v @ ..]: &[u8; 10]| {
+                (
+                    u16::from_be_bytes([a, b]),
+                    IoValue::U64(u64::from_be_bytes(v)),
+                )
+            }),
+        }?;
     }
     if layout.codec == Codec::Codec8Ext {
         let n = r.u16()?;
@@ -287,37 +334,23 @@ fn decode_record(layout: Layout, r: &mut Reader<'_>) -> Result<AvlRecord, FrameE
     })
 }
 
-/// Reads `n` elements of `ID`-byte ids and `VAL`-byte values.
-#[inline]
-fn read_group<const ID: usize, const VAL: usize>(
+/// Reads `n` elements of `N` bytes each (id then value), converted by `element`.
+#[inline(always)]
+fn read_group<const N: usize>(
     r: &mut Reader<'_>,
     n: usize,
     io: &mut Vec<IoElement>,
+    element: impl Fn(&[u8; N]) -> (u16, IoValue),
 ) -> Result<(), FrameError> {
-    if n == 0 {
-        return Ok(());
-    }
-    let at = r.pos();
     let len = n
-        .checked_mul(ID + VAL)
-        .ok_or(FrameError::Truncated { offset: at })?;
-    let bytes = r.slice(len)?;
-    // `extend` over an exact-size iterator: one capacity check for the group, not per element.
-    io.extend(bytes.chunks_exact(ID + VAL).map(|e| {
-        let (id, v) = e.split_at(ID);
-        // ID ∈ {1, 2} and VAL ∈ {1, 2, 4, 8} by the callers; the `_` arms are never taken.
-        let id = match *id {
-            [a] => u16::from(a),
-            [a, b] => u16::from_be_bytes([a, b]),
-            _ => 0,
-        };
-        let value = match *v {
-            [a] => IoValue::U8(a),
-            [a, b] => IoValue::U16(u16::from_be_bytes([a, b])),
-            [a, b, c, d] => IoValue::U32(u32::from_be_bytes([a, b, c, d])),
-            [a, b, c, d, e, f, g, h] => IoValue::U64(u64::from_be_bytes([a, b, c, d, e, f, g, h])),
-            _ => IoValue::Var(bytes::Bytes::new()),
-        };
+        .checked_mul(N)
+        .ok_or(FrameError::Truncated { offset: r.pos() })?;
+    // One bounds check for the group; `as_chunks` gives fixed-size arrays, so reading the
+    // fields of an element needs no further checks, and `extend` over an exact-size
+    // iterator checks the capacity once.
+    let (elements, _) = r.slice(len)?.as_chunks::<N>();
+    io.extend(elements.iter().map(|e| {
+        let (id, value) = element(e);
         IoElement { id, value }
     }));
     Ok(())

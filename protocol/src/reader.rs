@@ -6,8 +6,12 @@ use bytes::Bytes;
 use crate::FrameError;
 
 pub(crate) struct Reader<'a> {
+    /// The whole buffer, for zero-copy [`Reader::bytes`].
     buf: &'a Bytes,
-    pos: usize,
+    /// The unread part of the window: `buf[pos..end]`.
+    // NB: a shrinking slice rather than `buf` + `pos`: each read is one length compare and a
+    // pointer bump, with no reload of the `Bytes` header; `pos` is derived only for errors.
+    rest: &'a [u8],
     end: usize,
 }
 
@@ -17,29 +21,30 @@ impl<'a> Reader<'a> {
         let end = end.min(buf.len());
         Reader {
             buf,
-            pos: start.min(end),
+            rest: buf.get(start.min(end)..end).unwrap_or_default(),
             end,
         }
     }
 
+    #[inline]
     pub(crate) fn pos(&self) -> usize {
-        self.pos
+        self.end - self.rest.len()
     }
 
+    #[inline]
     pub(crate) fn remaining(&self) -> usize {
-        self.end - self.pos
+        self.rest.len()
     }
 
     /// The next `N` bytes.
     #[inline]
     pub(crate) fn array<const N: usize>(&mut self) -> Result<[u8; N], FrameError> {
-        let window = self.buf.get(self.pos..self.end).unwrap_or_default();
-        match window.first_chunk::<N>() {
-            Some(a) => {
-                self.pos += N;
+        match self.rest.split_first_chunk::<N>() {
+            Some((a, tail)) => {
+                self.rest = tail;
                 Ok(*a)
             }
-            None => Err(FrameError::Truncated { offset: self.pos }),
+            None => Err(self.truncated()),
         }
     }
 
@@ -60,37 +65,35 @@ impl<'a> Reader<'a> {
 
     /// The next `n` bytes as a zero-copy slice of the frame.
     pub(crate) fn bytes(&mut self, n: usize) -> Result<Bytes, FrameError> {
-        let stop = self
-            .pos
-            .checked_add(n)
-            .filter(|&s| s <= self.end)
-            .ok_or(FrameError::Truncated { offset: self.pos })?;
-        let out = self.buf.slice(self.pos..stop);
-        self.pos = stop;
-        Ok(out)
+        let start = self.pos();
+        self.slice(n)?;
+        // In bounds: `slice` checked `start + n <= end <= buf.len()`.
+        Ok(self.buf.slice(start..start + n))
     }
 
     /// The next `n` bytes, borrowed.
+    #[inline]
     pub(crate) fn slice(&mut self, n: usize) -> Result<&'a [u8], FrameError> {
-        let stop = self
-            .pos
-            .checked_add(n)
-            .filter(|&s| s <= self.end)
-            .ok_or(FrameError::Truncated { offset: self.pos })?;
-        let out = self
-            .buf
-            .get(self.pos..stop)
-            .ok_or(FrameError::Truncated { offset: self.pos })?;
-        self.pos = stop;
-        Ok(out)
+        match self.rest.split_at_checked(n) {
+            Some((out, tail)) => {
+                self.rest = tail;
+                Ok(out)
+            }
+            None => Err(self.truncated()),
+        }
     }
 
     /// Fails unless every byte up to the end was read.
     pub(crate) fn finish(&self) -> Result<(), FrameError> {
-        if self.pos == self.end {
+        if self.rest.is_empty() {
             Ok(())
         } else {
-            Err(FrameError::TrailingBytes { offset: self.pos })
+            Err(FrameError::TrailingBytes { offset: self.pos() })
         }
+    }
+
+    #[cold]
+    fn truncated(&self) -> FrameError {
+        FrameError::Truncated { offset: self.pos() }
     }
 }
