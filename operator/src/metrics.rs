@@ -150,4 +150,46 @@ mod tests {
             ]
         );
     }
+
+    /// The chart's dashboards and alerts query these names; promtool catches a malformed
+    /// exposition (bad suffix, help text, type) before Prometheus would.
+    #[test]
+    fn exposition_passes_promtool() {
+        use std::io::Write;
+        use std::process::{Command, Stdio};
+
+        use prometheus::Encoder;
+        let registry = Registry::new();
+        let m = Metrics::register(&registry).unwrap();
+        drop(m.reconcile_started());
+        m.pool_devices
+            .with_label_values(&["fleet", "allocated"])
+            .set(3);
+        let mut text = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&registry.gather(), &mut text)
+            .unwrap();
+        let child = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn();
+        let mut child = match child {
+            Ok(c) => c,
+            Err(_) if std::env::var("TRACKGATE_ALLOW_SKIP").as_deref() == Ok("1") => {
+                eprintln!("SKIP: promtool is not installed");
+                return;
+            }
+            Err(e) => panic!("promtool: {e} (install it, or set TRACKGATE_ALLOW_SKIP=1)"),
+        };
+        child.stdin.take().unwrap().write_all(&text).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
