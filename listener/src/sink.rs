@@ -509,21 +509,22 @@ impl Publisher {
     }
 
     async fn send_batch(&mut self, jobs: Vec<Job>, side: Vec<SideWrite>) {
+        let pools: Vec<Arc<str>> = side.iter().map(|w| Arc::clone(&w.pool)).collect();
         let cmds: Vec<Cmd> = jobs
             .iter()
             .map(|j| j.call.cmd(&self.script))
-            .chain(side.iter().map(|w| w.cmd.clone()))
+            .chain(side.into_iter().map(|w| w.cmd))
             .collect();
-        let mut results = match self.pipeline(&cmds).await {
+        let mut results = match self.pipeline(cmds).await {
             Ok(results) => results,
             Err(err) => {
                 for job in jobs {
                     let _ = job.reply.send(Err(err.clone()));
                 }
-                for write in &side {
+                for pool in &pools {
                     self.metrics
                         .events_dropped
-                        .with_label_values(&[&*write.pool])
+                        .with_label_values(&[&**pool])
                         .inc();
                 }
                 return;
@@ -546,7 +547,7 @@ impl Publisher {
                     .collect::<Vec<Cmd>>()
             });
             let retried = match retry {
-                Ok(cmds) => self.pipeline(&cmds).await,
+                Ok(cmds) => self.pipeline(cmds).await,
                 Err(err) => Err(err),
             };
             for (k, &i) in noscript.iter().enumerate() {
@@ -575,11 +576,12 @@ impl Publisher {
         }
     }
 
-    async fn pipeline(&mut self, cmds: &[Cmd]) -> Result<Vec<RedisResult<Value>>, PublishError> {
+    async fn pipeline(&mut self, cmds: Vec<Cmd>) -> Result<Vec<RedisResult<Value>>, PublishError> {
+        let expected = cmds.len();
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         for cmd in cmds {
-            pipe.add_command(cmd.clone());
+            pipe.add_command(cmd);
         }
         let result = tokio::time::timeout(
             self.response_timeout,
@@ -587,7 +589,7 @@ impl Publisher {
         )
         .await;
         let outcome = match result {
-            Ok(Ok(values)) if values.len() == cmds.len() => Ok(values),
+            Ok(Ok(values)) if values.len() == expected => Ok(values),
             Ok(Ok(_)) => Err(PublishError::Server("short pipeline reply".to_owned())),
             Ok(Err(err)) => Err(PublishError::from_redis(&err)),
             Err(_) => Err(PublishError::Timeout),
