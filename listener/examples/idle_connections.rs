@@ -5,7 +5,9 @@
 //! Starts a shared-mode listener on 127.0.0.1, opens `n` plain blocking client sockets (an fd
 //! each, no runtime state), logs every one in, and reports the listener process's RSS growth
 //! divided by `n`. The client side is a file descriptor in a `Vec`, so nearly all the growth is
-//! the listener's: task, session state, read buffer, socket registration.
+//! the listener's: task, session state, read buffer, socket registration. With `RUST_LOG`
+//! set, the log subscriber is installed as in production, and the session spans it keeps
+//! (pool, shard, port, peer, imei) are counted too.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -32,6 +34,9 @@ fn imei(i: usize) -> String {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    if std::env::var_os("RUST_LOG").is_some() {
+        trackgate_telemetry::init_logging(trackgate_telemetry::LogFormat::from_env());
+    }
     let mut args = std::env::args().skip(1);
     let redis_url = args
         .next()

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Span, debug, field, info, instrument, warn};
 use trackgate_protocol::{
-    AvlPacket, Command, Frame, FrameDecoder, FrameError, Imei, LoginDecoder, encode_ack,
+    AvlPacket, Command, Frame, FrameDecoder, FrameError, Imei, Limits, LoginDecoder, encode_ack,
     login_reply,
 };
 
@@ -56,11 +56,16 @@ pub(crate) async fn run<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let view = Arc::clone(&ctx.view.borrow());
+    // NB: only what the session needs is copied out of the current view; holding the view
+    // itself would keep every config version alive for as long as its oldest session.
+    let (limits, keys) = {
+        let view = ctx.view.borrow();
+        (SessionLimits::of(&view), Arc::clone(&view.keys))
+    };
     let mut session = Session {
         stream,
         buf: BytesMut::new(),
-        keys: Arc::clone(&view.keys),
+        keys,
         view: ctx.view.clone(),
         peer,
         port,
@@ -68,7 +73,7 @@ where
         ctx,
     };
     session.event(Event::Connect);
-    let reason = session.drive(&view).await;
+    let reason = session.drive(limits).await;
     let ctx = &session.ctx;
     ctx.metrics
         .sessions_closed
@@ -87,6 +92,24 @@ where
     reason
 }
 
+/// The limits a session applies, fixed when it starts.
+#[derive(Clone, Copy)]
+struct SessionLimits {
+    frame: Limits,
+    login_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+impl SessionLimits {
+    fn of(view: &ShardView) -> Self {
+        Self {
+            frame: view.frame_limits(),
+            login_timeout: view.login_timeout(),
+            idle_timeout: view.idle_timeout(),
+        }
+    }
+}
+
 struct Session<S> {
     stream: S,
     buf: BytesMut,
@@ -99,20 +122,20 @@ struct Session<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    async fn drive(&mut self, view: &ShardView) -> CloseReason {
-        let imei = match self.login(view).await {
+    async fn drive(&mut self, limits: SessionLimits) -> CloseReason {
+        let imei = match self.login(limits).await {
             Ok(imei) => imei,
             Err(reason) => return reason,
         };
         self.imei = Some(imei);
-        self.frames(view, &imei).await
+        self.frames(limits, &imei).await
     }
 
     // === Login ===
 
-    async fn login(&mut self, view: &ShardView) -> Result<Imei, CloseReason> {
-        let deadline = Instant::now() + view.login_timeout();
-        let mut decoder = LoginDecoder::new(view.frame_limits());
+    async fn login(&mut self, limits: SessionLimits) -> Result<Imei, CloseReason> {
+        let deadline = Instant::now() + limits.login_timeout;
+        let mut decoder = LoginDecoder::new(limits.frame);
         let imei = loop {
             match decoder.decode(&mut self.buf) {
                 Ok(Some(imei)) => break imei,
@@ -169,9 +192,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     // === Frames ===
 
-    async fn frames(&mut self, view: &ShardView, imei: &Imei) -> CloseReason {
-        let idle = view.idle_timeout();
-        let mut decoder = FrameDecoder::new(view.frame_limits());
+    async fn frames(&mut self, limits: SessionLimits, imei: &Imei) -> CloseReason {
+        let idle = limits.idle_timeout;
+        let mut decoder = FrameDecoder::new(limits.frame);
         let mut idle_deadline = Instant::now() + idle;
         let mut state_written = Instant::now();
         loop {
