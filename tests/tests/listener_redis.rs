@@ -18,8 +18,8 @@ use tokio::sync::oneshot;
 use trackgate_api::{IdentificationMode, ListenerLimits, PortBinding, RedisSink, ShardConfig};
 use trackgate_listener::{Listener, ListenerOptions, METRIC_NAMES, ShardSource, keys};
 use trackgate_protocol::{
-    AvlPacket, AvlRecord, Codec, Imei, IoElement, IoValue, UdpDatagram, crc16_ibm, encode_avl,
-    encode_login, encode_udp, udp_ack,
+    AvlPacket, AvlRecord, Codec, Command, Imei, IoElement, IoValue, UdpDatagram, crc16_ibm,
+    encode_avl, encode_command, encode_login, encode_udp, udp_ack,
 };
 use trackgate_telemetry::Health;
 use trackgate_tests::{RedisServer, free_ports, require_tool};
@@ -472,6 +472,97 @@ async fn udp_datagram_is_stored_then_acked() {
     let silent = tokio::time::timeout(Duration::from_millis(500), socket.recv_from(&mut ack)).await;
     assert!(silent.is_err(), "a refused datagram was acked");
     assert!(h.readings(IMEIS[3]).await.is_empty());
+    assert!(h.shutdown().await);
+}
+
+/// Shared mode: any port of the shard admits any device of the pool, and only those.
+#[tokio::test]
+async fn shared_mode_admits_pool_devices_on_any_port() {
+    let ports = free_ports(2);
+    let config = ShardConfig {
+        mode: IdentificationMode::Shared,
+        ports: ports
+            .iter()
+            .map(|&port| PortBinding { port, imei: None })
+            .collect(),
+        devices: IMEIS[..3].iter().map(|s| (*s).to_owned()).collect(),
+        ..dedicated(&[], &[])
+    };
+    let Some(h) = Harness::start(config).await else {
+        return;
+    };
+    let mut a = Device::logged_in(h.addr(ports[0]), IMEIS[0]).await;
+    let mut b = Device::logged_in(h.addr(ports[0]), IMEIS[1]).await;
+    let mut c = Device::logged_in(h.addr(ports[1]), IMEIS[2]).await;
+    for (device, imei, port) in [
+        (&mut a, IMEIS[0], ports[0]),
+        (&mut b, IMEIS[1], ports[0]),
+        (&mut c, IMEIS[2], ports[1]),
+    ] {
+        let sent = packet(Codec::Codec8, 0..1);
+        device.send_packet(&sent).await;
+        assert_eq!(device.ack().await, Some(1));
+        assert_entry(
+            &h.readings(imei).await[0],
+            imei,
+            &sent.records[0],
+            "8",
+            port,
+        );
+    }
+    let (mut stranger, reply) = Device::login(h.addr(ports[1]), IMEIS[3]).await;
+    assert_eq!(reply, Some(0));
+    assert!(stranger.is_closed().await);
+    assert!(h.shutdown().await);
+}
+
+/// A Codec 12 response from the device is never acked; it lands in the events stream, and the
+/// session carries on with AVL frames.
+#[tokio::test]
+async fn command_responses_go_to_the_events_stream_unacked() {
+    let ports = free_ports(1);
+    let Some(h) = Harness::start(dedicated(&ports, &IMEIS[..1])).await else {
+        return;
+    };
+    let mut device = Device::logged_in(h.addr(ports[0]), IMEIS[0]).await;
+    let response = Command {
+        kind: 0x06,
+        ..Command::codec12("RTC:2026/11/21 06:00")
+    };
+    let mut buf = BytesMut::new();
+    encode_command(&response, &mut buf).unwrap();
+    device.send(&buf).await;
+    device.send_packet(&packet(Codec::Codec8, 0..2)).await;
+    // The first bytes back are the AVL ack: nothing was sent for the response.
+    assert_eq!(device.ack().await, Some(2));
+
+    let events = keys::events_key("trackgate", POOL);
+    let mut redis = h.redis().await;
+    let mut found = None;
+    for _ in 0..100 {
+        let reply: StreamRangeReply = redis::cmd("XRANGE")
+            .arg(&events)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        found = reply
+            .ids
+            .into_iter()
+            .find(|e| e.get::<String>("kind").as_deref() == Some("command_response"));
+        if found.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let event = found.expect("no command_response event");
+    assert_eq!(event.get::<String>("imei").unwrap(), IMEIS[0]);
+    assert_eq!(event.get::<String>("codec").unwrap(), "12");
+    assert_eq!(
+        event.get::<String>("payload").unwrap(),
+        "5254433a323032362f31312f32312030363a3030" // "RTC:2026/11/21 06:00"
+    );
     assert!(h.shutdown().await);
 }
 
