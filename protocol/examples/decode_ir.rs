@@ -1,4 +1,5 @@
-//! Decodes the ~1 KB bench frame N times with one contender of `benches/decode.rs`, so that
+//! Decodes one bench frame (default: the ~1 KB one) N times with one contender of
+//! `benches/decode.rs`, so that
 //! instruction counts can be compared on a loaded machine, where wall-clock times are noise:
 //!
 //! ```sh
@@ -9,7 +10,8 @@
 //! done
 //! ```
 //!
-//! Only `run` (the decode loop) is counted; divide by N for instructions per decode.
+//! Only `run` (the decode loop) is counted; divide by N for instructions per decode. A third
+//! argument picks another frame by its bench name (e.g. `wiki_codec8e`).
 
 use std::hint::black_box;
 
@@ -44,6 +46,11 @@ fn main() {
     let n = args
         .next()
         .map_or(10_000, |s| s.parse().expect("N is a count"));
-    let (_, frame) = common::frames().pop().expect("the 1 KB frame is last");
-    run(&who, &frame, n);
+    let frames = common::frames();
+    let frame = match args.next() {
+        Some(name) => frames.iter().find(|(n, _)| *n == name),
+        None => frames.last(),
+    };
+    let (_, frame) = frame.expect("a frame of benches/common/mod.rs");
+    run(&who, frame, n);
 }
