@@ -472,6 +472,18 @@ async fn udp_datagram_is_stored_then_acked() {
     let silent = tokio::time::timeout(Duration::from_millis(500), socket.recv_from(&mut ack)).await;
     assert!(silent.is_err(), "a refused datagram was acked");
     assert!(h.readings(IMEIS[3]).await.is_empty());
+
+    // A malformed datagram is counted and gets no reply either.
+    socket
+        .send_to(&[0x00, 0x05, 1, 2, 3], h.addr(ports[0]))
+        .await
+        .unwrap();
+    let silent = tokio::time::timeout(Duration::from_millis(300), socket.recv_from(&mut ack)).await;
+    assert!(silent.is_err(), "a malformed datagram got a reply");
+    h.eventually("udp decode error counted", || {
+        h.metric("trackgate_listener_decode_errors_total", &[("pool", POOL)]) == 1.0
+    })
+    .await;
     assert!(h.shutdown().await);
 }
 
@@ -931,6 +943,28 @@ async fn connections_over_the_limit_are_rejected_and_counted() {
         h.metric(
             "trackgate_listener_connections_rejected_total",
             &[("pool", POOL), ("reason", "limit")]
+        ),
+        1.0
+    );
+    assert!(h.shutdown().await);
+}
+
+/// Over `acceptRatePerSecond` a connection is closed at once and counted as `rate`.
+#[tokio::test]
+async fn connections_over_the_accept_rate_are_rejected_and_counted() {
+    let ports = free_ports(1);
+    let mut config = dedicated(&ports, &IMEIS[..1]);
+    config.limits.accept_rate_per_second = 1;
+    let Some(h) = Harness::start(config).await else {
+        return;
+    };
+    let _first = Device::logged_in(h.addr(ports[0]), IMEIS[0]).await;
+    let mut second = Device::connect(h.addr(ports[0])).await;
+    assert!(second.is_closed().await);
+    assert_eq!(
+        h.metric(
+            "trackgate_listener_connections_rejected_total",
+            &[("pool", POOL), ("reason", "rate")]
         ),
         1.0
     );
