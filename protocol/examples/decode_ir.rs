@@ -1,6 +1,6 @@
 //! Decodes one bench frame (default: the ~1 KB one) N times with one contender of
-//! `benches/decode.rs`, so that
-//! instruction counts can be compared on a loaded machine, where wall-clock times are noise:
+//! `benches/decode.rs`, so that instruction counts can be compared on a loaded machine, where
+//! wall-clock times are noise:
 //!
 //! ```sh
 //! cargo build --profile bench -p trackgate-protocol --example decode_ir
