@@ -142,7 +142,7 @@ pub struct Listener {
     shards: Vec<Arc<Shard>>,
     session_stop: CancellationToken,
     publisher_stop: CancellationToken,
-    publisher: JoinHandle<()>,
+    publisher: Option<JoinHandle<()>>,
     shutdown_grace: Duration,
 }
 
@@ -233,7 +233,7 @@ impl Listener {
             shards: Vec::new(),
             session_stop: session_stop.clone(),
             publisher_stop,
-            publisher,
+            publisher: Some(publisher),
             shutdown_grace: env.options.shutdown_grace,
         };
         for (config, file) in configs {
@@ -283,7 +283,7 @@ impl Listener {
     /// Graceful shutdown: stop accepting, let every session finish the frame it is storing
     /// (publish + ack) and close, then stop the publisher. Returns `true` when every session
     /// ended within the grace period.
-    pub async fn shutdown(self) -> bool {
+    pub async fn shutdown(mut self) -> bool {
         self.env.accept_stop.cancel();
         self.session_stop.cancel();
         self.env.tracker.close();
@@ -294,7 +294,9 @@ impl Listener {
             warn!(grace = ?self.shutdown_grace, "sessions still open after the grace period");
         }
         self.publisher_stop.cancel();
-        let _ = self.publisher.await;
+        if let Some(publisher) = self.publisher.take() {
+            let _ = publisher.await;
+        }
         info!(clean, "listener stopped");
         clean
     }
@@ -303,6 +305,14 @@ impl Listener {
         self.env.accept_stop.cancel();
         self.session_stop.cancel();
         self.publisher_stop.cancel();
+    }
+}
+
+impl Drop for Listener {
+    /// Dropped without [`Listener::shutdown`] (an error path, a failed test): ports are closed
+    /// and sessions end at once rather than living on in the runtime.
+    fn drop(&mut self) {
+        self.abort();
     }
 }
 
