@@ -6,13 +6,17 @@
 //! | apiGroup | resources | verbs |
 //! |---|---|---|
 //! | `trackgate.dev` | `trackerportpools` | get, list, watch |
-//! | `trackgate.dev` | `trackerportpools/status` | get, patch, update |
-//! | `""` (core) | `configmaps` | get, list, watch, create, patch, update, delete |
-//! | `""` (core) | `services` | get, list, watch, create, patch, update, delete |
-//! | `apps` | `deployments` | get, list, watch, create, patch, update, delete |
-//! | `policy` | `poddisruptionbudgets` | get, list, watch, create, patch, update, delete |
+//! | `trackgate.dev` | `trackerportpools/status` | get, patch |
+//! | `""` (core) | `configmaps` | get, list, watch, create, patch, delete |
+//! | `""` (core) | `services` | get, list, watch, create, patch, delete |
+//! | `apps` | `deployments` | get, list, watch, create, patch, delete |
+//! | `policy` | `poddisruptionbudgets` | get, list, watch, create, patch, delete |
 //! | `events.k8s.io` | `events` | create, patch |
-//! | `coordination.k8s.io` | `leases` | get, list, watch, create, patch, update (namespace `POD_NAMESPACE` only) |
+//! | `coordination.k8s.io` | `leases` | get, create, patch (Lease `trackgate-operator` in `$POD_NAMESPACE`) |
+//!
+//! Every write is a server-side apply or merge patch (`patch`; an apply that creates an object
+//! is authorized as `create`), never `update`. ConfigMaps are watched cluster-wide (metadata
+//! only) so that editing a `devicesFrom` list reaches its pool.
 //!
 //! The listener pods need no RBAC (they read a mounted ConfigMap) and no service account
 //! token; the Secret holding the Redis URL is read by the kubelet, not by the operator.

@@ -410,6 +410,8 @@ fn deployment(
     let probe = |path: &str, period: u32| json!({"httpGet": {"path": path, "port": "admin"}, "periodSeconds": period, "failureThreshold": 3});
     let mut pod_spec = json!({
         "terminationGracePeriodSeconds": TERMINATION_GRACE.as_secs(),
+        // the listener never talks to the API server
+        "automountServiceAccountToken": false,
         "securityContext": {
             "runAsNonRoot": true,
             "runAsUser": 65532,
@@ -706,6 +708,22 @@ mod tests {
         assert!(err.to_string().contains("line 1"), "{err}");
         pool.spec.ports.start = 6000;
         assert!(validate(&pool.spec).is_err());
+    }
+
+    /// An IMEI both inline (pinned) and in a ConfigMap is one device, and the inline pin holds.
+    #[test]
+    fn inline_entry_wins_over_the_same_imei_in_a_config_map() {
+        let mut pool = PoolBuilder::dedicated(5000, 5009)
+            .pinned("356307042441013", 5007)
+            .build();
+        pool.spec.devices_from.push(trackgate_api::DeviceSource {
+            config_map: "more".into(),
+            key: "imeis".into(),
+        });
+        let list = "356307042441013\n352093086403655\n";
+        let (a, _) = plan_local("fleet", &pool.spec, |_, _| Some(list), &Previous::new()).unwrap();
+        assert_eq!(a.allocated(), 2);
+        assert_eq!(a.to_previous()["356307042441013"], 5007);
     }
 
     #[test]

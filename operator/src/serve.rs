@@ -33,10 +33,10 @@ pub const LEASE_GRACE_SECONDS: u64 = 5;
 #[non_exhaustive]
 pub enum ServeError {
     /// No usable kubeconfig or in-cluster config.
-    #[error("kubernetes client: {0}")]
+    #[error("no usable Kubernetes configuration (KUBECONFIG, ~/.kube/config or in-cluster)")]
     Client(#[source] kube::Error),
     /// The admin address could not be bound.
-    #[error("admin address {addr}: {source}")]
+    #[error("cannot bind the admin address {addr}")]
     Bind {
         /// The address.
         addr: SocketAddr,
@@ -44,10 +44,10 @@ pub enum ServeError {
         source: std::io::Error,
     },
     /// Metrics could not be registered.
-    #[error("metrics: {0}")]
+    #[error("registering metrics")]
     Metrics(#[from] prometheus::Error),
     /// Leader election failed to start.
-    #[error("leader election: {0}")]
+    #[error("starting leader election")]
     Lease(#[from] kube_lease_manager::LeaseManagerError),
 }
 
