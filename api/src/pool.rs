@@ -465,6 +465,61 @@ spec:
         assert_eq!(errors(&p), "");
     }
 
+    /// Keys of `original` that `typed` lacks: a misspelled or unknown field in an example
+    /// would otherwise be dropped silently by serde and the example would mislead its reader.
+    fn unknown_keys(
+        original: &serde_json::Value,
+        typed: &serde_json::Value,
+        at: &str,
+    ) -> Vec<String> {
+        use serde_json::Value;
+        match (original, typed) {
+            (Value::Object(o), Value::Object(t)) => o
+                .iter()
+                .flat_map(|(k, v)| match t.get(k) {
+                    Some(tv) => unknown_keys(v, tv, &format!("{at}.{k}")),
+                    None => vec![format!("{at}.{k}")],
+                })
+                .collect(),
+            (Value::Array(o), Value::Array(t)) => o
+                .iter()
+                .zip(t)
+                .enumerate()
+                .flat_map(|(i, (a, b))| unknown_keys(a, b, &format!("{at}[{i}]")))
+                .collect(),
+            _ => vec![],
+        }
+    }
+
+    /// Every pool in `deploy/examples/` parses, has no unknown field and passes the CRD's CEL
+    /// rules, so what the docs tell users to apply is what the API server accepts.
+    #[test]
+    fn example_pools_match_the_schema() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let text = std::fs::read_to_string(entry.path()).unwrap();
+            for doc in serde_yaml::Deserializer::from_str(&text) {
+                let value: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+                if value["kind"] != "TrackerPortPool" {
+                    continue;
+                }
+                let pool: TrackerPortPool = serde_json::from_value(value.clone())
+                    .unwrap_or_else(|e| panic!("{}: {e}", entry.path().display()));
+                let typed = serde_json::to_value(&pool).unwrap();
+                let unknown = unknown_keys(&value["spec"], &typed["spec"], "spec");
+                assert!(
+                    unknown.is_empty(),
+                    "{}: unknown fields {unknown:?}",
+                    entry.path().display()
+                );
+                assert_eq!(errors(&pool), "", "{}", entry.path().display());
+                seen += 1;
+            }
+        }
+        assert!(seen > 0, "no TrackerPortPool in deploy/examples");
+    }
+
     /// The API server enforces these through the structural schema (not CEL); they must be
     /// present in the generated CRD or `kubectl apply` would accept duplicates and bad IMEIs.
     #[test]

@@ -726,6 +726,34 @@ mod tests {
         assert_eq!(a.to_previous()["356307042441013"], 5007);
     }
 
+    /// What `trackgate run deploy/examples/<pool>.yaml` would serve: every example plans
+    /// without a spec error into valid shard configs.
+    #[test]
+    fn example_pools_plan_into_valid_shard_configs() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples");
+        let mut planned = 0;
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let text = std::fs::read_to_string(entry.path()).unwrap();
+            let Ok(pool) = serde_yaml::from_str::<TrackerPortPool>(&text) else {
+                continue; // not a pool
+            };
+            let list = "359000000000000\n359000000000001\n";
+            let (a, cfgs) = plan_local(
+                &pool.name_any(),
+                &pool.spec,
+                |_, _| Some(list),
+                &Previous::new(),
+            )
+            .unwrap_or_else(|e| panic!("{}: {e}", entry.path().display()));
+            assert!(a.allocated() > 0 && !cfgs.is_empty());
+            for cfg in cfgs {
+                cfg.validate().unwrap();
+            }
+            planned += 1;
+        }
+        assert!(planned >= 3, "examples not found or not parsed: {planned}");
+    }
+
     #[test]
     fn plan_local_serves_a_pool_file() {
         let pool = PoolBuilder::dedicated(5000, 5009)
