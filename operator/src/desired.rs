@@ -734,22 +734,26 @@ mod tests {
         let mut planned = 0;
         for entry in std::fs::read_dir(dir).unwrap().flatten() {
             let text = std::fs::read_to_string(entry.path()).unwrap();
-            let Ok(pool) = serde_yaml::from_str::<TrackerPortPool>(&text) else {
-                continue; // not a pool
-            };
-            let list = "359000000000000\n359000000000001\n";
-            let (a, cfgs) = plan_local(
-                &pool.name_any(),
-                &pool.spec,
-                |_, _| Some(list),
-                &Previous::new(),
-            )
-            .unwrap_or_else(|e| panic!("{}: {e}", entry.path().display()));
-            assert!(a.allocated() > 0 && !cfgs.is_empty());
-            for cfg in cfgs {
-                cfg.validate().unwrap();
+            for doc in serde_yaml::Deserializer::from_str(&text) {
+                let value: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+                if value["kind"] != "TrackerPortPool" {
+                    continue;
+                }
+                let pool: TrackerPortPool = serde_json::from_value(value).unwrap();
+                let list = "359000000000000\n359000000000001\n";
+                let (a, cfgs) = plan_local(
+                    &pool.name_any(),
+                    &pool.spec,
+                    |_, _| Some(list),
+                    &Previous::new(),
+                )
+                .unwrap_or_else(|e| panic!("{}: {e}", entry.path().display()));
+                assert!(a.allocated() > 0 && !cfgs.is_empty());
+                for cfg in cfgs {
+                    cfg.validate().unwrap();
+                }
+                planned += 1;
             }
-            planned += 1;
         }
         assert!(planned >= 3, "examples not found or not parsed: {planned}");
     }

@@ -158,10 +158,6 @@ impl Drop for Operator {
     }
 }
 
-fn imeis(base: u64, n: u64) -> String {
-    (0..n).map(|k| format!("{:015}\n", base + k)).collect()
-}
-
 /// Every pool of `deploy/examples/`: (name, file).
 fn example_pools() -> Vec<(String, PathBuf)> {
     let dir = workspace_root().join("deploy/examples");
@@ -172,6 +168,7 @@ fn example_pools() -> Vec<(String, PathBuf)> {
         if path.extension().is_some_and(|e| e == "yaml") && text.contains("kind: TrackerPortPool") {
             let name = text
                 .lines()
+                .skip_while(|l| l.trim_end() != "kind: TrackerPortPool")
                 .skip_while(|l| !l.starts_with("metadata:"))
                 .find_map(|l| l.trim().strip_prefix("name: "))
                 .expect("pool name")
@@ -210,24 +207,6 @@ fn operator_serves_the_example_pools() {
         "trackgate-redis",
         "--from-literal=url=redis://redis:6379/0",
     ]);
-    // the ConfigMaps the large example reads its fleet from
-    for (name, base) in [
-        ("fleet-vans", 359_000_000_000_000u64),
-        ("fleet-trucks", 359_100_000_000_000),
-    ] {
-        let (ok, text) = kubectl_stdin(
-            &[
-                "-n",
-                ns,
-                "create",
-                "configmap",
-                name,
-                "--from-file=imeis=/dev/stdin",
-            ],
-            &imeis(base, 60),
-        );
-        assert!(ok, "{text}");
-    }
     let _operator = Operator::start(ns);
 
     let pools = example_pools();
