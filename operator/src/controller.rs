@@ -60,6 +60,10 @@ pub const RESYNC: Duration = Duration::from_secs(300);
 pub const BACKOFF_BASE: Duration = Duration::from_secs(2);
 /// Longest retry delay.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// Quiet time before a triggered reconcile runs.
+pub const DEBOUNCE: Duration = Duration::from_secs(1);
+/// Pools reconciled at once. Each is sequential inside; pools are independent.
+pub const CONCURRENCY: u16 = 4;
 
 /// Shared state of the reconciles.
 pub struct Context {
@@ -410,7 +414,13 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
     let store = controller.store();
     // metadata only: the mapper needs names, the reconcile reads the content
     let sources = Api::<PartialObjectMeta<ConfigMap>>::all(client.clone());
+    // A first reconcile of a big pool applies thousands of children, each echoed back by a
+    // watch event; the debounce folds that echo into one follow-up reconcile.
+    let config = kube::runtime::controller::Config::default()
+        .debounce(DEBOUNCE)
+        .concurrency(CONCURRENCY);
     controller
+        .with_config(config)
         .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
         .owns(Api::<Deployment>::all(client.clone()), owned.clone())
         .owns(Api::<Service>::all(client.clone()), owned)
