@@ -107,7 +107,7 @@ pub async fn reconcile(pool: Arc<TrackerPortPool>, ctx: Arc<Context>) -> Result<
     let ns = pool.namespace().ok_or(Error::NotNamespaced)?;
     let span = info_span!("reconcile", pool = %pool.name_any(), namespace = %ns);
     async {
-        let children = Children::fetch(&ctx.client, &ns, &pool.name_any()).await?;
+        let children = Children::fetch(&ctx.client, &ns, &pool).await?;
         let sources = fetch_sources(&ctx.client, &ns, &pool).await?;
         let previous = children.previous();
         let planned = plan(&pool, &sources, &previous, &ctx.image);
@@ -292,13 +292,16 @@ struct Children {
 }
 
 impl Children {
-    async fn fetch(client: &Client, ns: &str, pool: &str) -> Result<Self, Error> {
-        let lp = ListParams::default().labels(&format!("{POOL_LABEL}={pool}"));
+    /// Lists the pool's children: labelled with the pool AND owned by it, so an object a user
+    /// labelled by hand (a `devicesFrom` ConfigMap, say) is never taken for a stale shard.
+    async fn fetch(client: &Client, ns: &str, pool: &TrackerPortPool) -> Result<Self, Error> {
+        let lp = ListParams::default().labels(&format!("{POOL_LABEL}={}", pool.name_any()));
+        let uid = pool.uid().unwrap_or_default();
         Ok(Self {
-            config_maps: Api::namespaced(client.clone(), ns).list(&lp).await?.items,
-            deployments: Api::namespaced(client.clone(), ns).list(&lp).await?.items,
-            services: Api::namespaced(client.clone(), ns).list(&lp).await?.items,
-            pdbs: Api::namespaced(client.clone(), ns).list(&lp).await?.items,
+            config_maps: list_owned(client, ns, &lp, &uid).await?,
+            deployments: list_owned(client, ns, &lp, &uid).await?,
+            services: list_owned(client, ns, &lp, &uid).await?,
+            pdbs: list_owned(client, ns, &lp, &uid).await?,
         })
     }
 
@@ -360,6 +363,31 @@ impl Children {
         .await?;
         Ok(())
     }
+}
+
+/// Objects matching `lp` that name `owner_uid` in their owner references.
+async fn list_owned<K>(
+    client: &Client,
+    ns: &str,
+    lp: &ListParams,
+    owner_uid: &str,
+) -> Result<Vec<K>, Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + Debug
+        + DeserializeOwned,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let items = api.list(lp).await?.items;
+    Ok(items
+        .into_iter()
+        .filter(|o| {
+            o.owner_references()
+                .iter()
+                .any(|r| !owner_uid.is_empty() && r.uid == owner_uid)
+        })
+        .collect())
 }
 
 /// Server-side applies each desired object whose content hash differs from the live one and

@@ -228,6 +228,23 @@ async fn invalid_pool_sets_degraded_and_waits_for_a_change() {
     );
 }
 
+/// A user may label their device list with the pool's label; it is not a shard and must
+/// never be deleted as a stale one.
+#[tokio::test]
+async fn a_labelled_object_the_pool_does_not_own_is_left_alone() {
+    let pool = PoolBuilder::dedicated(5000, 5099).with_devices(2).build();
+    let s = Scenario::new(&pool);
+    s.fake.insert(
+        &format!("{CMS}/fleet-list"),
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": "fleet-list", "namespace": "trackers", "labels": {"trackgate.dev/pool": "fleet"}},
+               "data": {"imeis": ""}}),
+    );
+    let (_, writes) = s.reconcile().await;
+    assert!(paths(&writes, Method::DELETE).is_empty(), "{writes:?}");
+    assert!(s.fake.get(&format!("{CMS}/fleet-list")).is_some());
+}
+
 #[tokio::test]
 async fn full_range_reports_unallocated_devices_and_warns() {
     let pool = PoolBuilder::dedicated(5000, 5004).with_devices(8).build();
@@ -256,7 +273,7 @@ async fn full_range_reports_unallocated_devices_and_warns() {
 async fn a_stale_allocation_write_fails_with_a_conflict() {
     let pool = PoolBuilder::dedicated(5000, 5099).with_devices(2).build();
     let s = Scenario::new(&pool);
-    let children = Children::fetch(&s.ctx.client, "trackers", "fleet")
+    let children = Children::fetch(&s.ctx.client, "trackers", &s.pool())
         .await
         .unwrap();
     s.reconcile().await; // another leader wrote the shard meanwhile
