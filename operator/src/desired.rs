@@ -480,6 +480,13 @@ fn deployment(
     if affinity.as_object().is_some_and(|a| !a.is_empty()) {
         pod_spec["affinity"] = affinity;
     }
+    // Surge first so a shard never loses a replica during a rollout; with hostNetwork a surge
+    // pod would need a node without a replica (anti-affinity), so replace in place instead.
+    let rolling = if host_network {
+        json!({"maxUnavailable": 1, "maxSurge": 0})
+    } else {
+        json!({"maxUnavailable": 0, "maxSurge": 1})
+    };
     let mut pod_labels = selector.clone();
     pod_labels.insert(
         "app.kubernetes.io/component".to_owned(),
@@ -490,7 +497,7 @@ fn deployment(
         json!({"spec": {
             "replicas": spec.sharding.replicas_per_shard,
             "selector": {"matchLabels": selector},
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": rolling},
             "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
         }}),
     )
