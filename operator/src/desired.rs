@@ -689,6 +689,17 @@ mod tests {
             .unwrap();
         assert_eq!(pod.host_network, Some(true));
         assert!(pod.affinity.unwrap().pod_anti_affinity.is_some());
+        let strategy = d.deployments[0]
+            .spec
+            .as_ref()
+            .unwrap()
+            .strategy
+            .clone()
+            .unwrap();
+        assert_eq!(
+            strategy.rolling_update.unwrap().max_surge,
+            Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(0))
+        );
     }
 
     #[test]
