@@ -124,9 +124,14 @@ pub async fn reconcile(pool: Arc<TrackerPortPool>, ctx: Arc<Context>) -> Result<
         let new = status::status_for(&pool, outcome, children.observed(), &Time(Timestamp::now()));
         if status::is_changed(&pool, &new) {
             let api: Api<TrackerPortPool> = Api::namespaced(ctx.client.clone(), &ns);
-            let patch = Patch::Merge(json!({"status": new}));
-            api.patch_status(&pool.name_any(), &PatchParams::default(), &patch)
-                .await?;
+            // apply, not merge: a field we stop setting (the last shard gone) is removed too
+            let patch = Patch::Apply(json!({
+                "apiVersion": TrackerPortPool::api_version(&()),
+                "kind": TrackerPortPool::kind(&()),
+                "status": new,
+            }));
+            let params = PatchParams::apply(FIELD_MANAGER).force();
+            api.patch_status(&pool.name_any(), &params, &patch).await?;
             ctx.metrics.writes.with_label_values(&["status"]).inc();
         }
         record(&ctx, &pool, &previous, outcome).await;
