@@ -458,16 +458,11 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         .owns(Api::<Deployment>::all(client.clone()), owned.clone())
         .owns(Api::<Service>::all(client.clone()), owned)
         .watches(sources, watcher::Config::default(), move |cm| {
-            let ns = cm.namespace();
-            let name = cm.name_any();
-            store
-                .state()
-                .into_iter()
-                .filter(|p| {
-                    p.namespace() == ns && p.spec.devices_from.iter().any(|s| s.config_map == name)
-                })
-                .map(|p| ObjectRef::from_obj(&*p))
-                .collect::<Vec<_>>()
+            pools_reading(
+                &cm.namespace().unwrap_or_default(),
+                &cm.name_any(),
+                &store.state(),
+            )
         })
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
@@ -477,6 +472,21 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
             }
         })
         .await;
+}
+
+/// The pools that read ConfigMap `ns/name` through `devicesFrom`: the ones an edit of it
+/// must reconcile.
+pub fn pools_reading(
+    ns: &str,
+    name: &str,
+    pools: &[Arc<TrackerPortPool>],
+) -> Vec<ObjectRef<TrackerPortPool>> {
+    pools
+        .iter()
+        .filter(|p| p.namespace().as_deref() == Some(ns))
+        .filter(|p| p.spec.devices_from.iter().any(|s| s.config_map == name))
+        .map(|p| ObjectRef::from_obj(&**p))
+        .collect()
 }
 
 #[cfg(test)]

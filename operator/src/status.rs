@@ -383,6 +383,44 @@ mod tests {
     }
 
     #[test]
+    fn endpoint_is_the_load_balancer_address() {
+        use k8s_openapi::api::core::v1::{
+            LoadBalancerIngress, LoadBalancerStatus, Service, ServiceStatus,
+        };
+        let pool = PoolBuilder::dedicated(5000, 5009).with_devices(1).build();
+        let a = allocate_for(&pool, &Previous::new());
+        let mut svc = Service::default();
+        svc.metadata.name = Some("fleet-shard-0".into());
+        svc.status = Some(ServiceStatus {
+            load_balancer: Some(LoadBalancerStatus {
+                ingress: Some(vec![LoadBalancerIngress {
+                    hostname: Some("nlb-1.elb.amazonaws.com".into()),
+                    ..Default::default()
+                }]),
+            }),
+            ..Default::default()
+        });
+        let services = [svc];
+        let observed = Observed {
+            deployments: &[],
+            services: &services,
+        };
+        let s = status_for(
+            &pool,
+            Outcome::Allocated {
+                allocation: &a,
+                max_listeners: 1,
+            },
+            observed,
+            &at(1),
+        );
+        assert_eq!(
+            s.shards[0].endpoint.as_deref(),
+            Some("nlb-1.elb.amazonaws.com")
+        );
+    }
+
+    #[test]
     fn warns_past_the_nlb_listener_limit() {
         let pool = PoolBuilder::dedicated(5000, 5099)
             .ports_per_shard(100)

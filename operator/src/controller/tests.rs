@@ -308,6 +308,23 @@ async fn a_stale_allocation_write_fails_with_a_conflict() {
 }
 
 #[test]
+fn editing_a_device_list_triggers_only_the_pools_that_read_it() {
+    let mut reader = PoolBuilder::dedicated(5000, 5010).build();
+    reader.spec.devices_from.push(DeviceSource {
+        config_map: "vans".into(),
+        key: "imeis".into(),
+    });
+    let mut elsewhere = reader.clone();
+    elsewhere.metadata.namespace = Some("other".into());
+    let mut other = PoolBuilder::dedicated(6000, 6010).build();
+    other.metadata.name = Some("other".into());
+    let pools = [reader, elsewhere, other].map(Arc::new);
+    let hit = pools_reading("trackers", "vans", &pools);
+    assert_eq!(hit, vec![ObjectRef::from_obj(&*pools[0])]);
+    assert!(pools_reading("trackers", "trucks", &pools).is_empty());
+}
+
+#[test]
 fn backoff_grows_with_jitter_and_is_capped() {
     let d1 = backoff(1, "fleet");
     assert!(
