@@ -29,7 +29,9 @@ lint:
 doc:
 	RUSTDOCFLAGS=-Dwarnings $(CARGO) doc --workspace --no-deps --locked
 
+# The resilience and e2e tests drive the real binary: build it first (same profile, same target dir).
 test:
+	$(CARGO) build --locked -p trackgate
 	$(CARGO) nextest run --workspace --locked --no-fail-fast
 	$(CARGO) test --doc --workspace --locked
 
