@@ -17,4 +17,5 @@ ensure_cargo_tool cargo-fuzz cargo-fuzz
 ensure_cargo_tool cargo-deny cargo-deny
 ensure_venv
 
-make ci
+# -k: run every check even after one fails, so one CI run shows every problem.
+make -k ci
