@@ -445,6 +445,8 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
     let owned = watcher::Config::default().labels(POOL_LABEL);
     let controller = Controller::new(pools, watcher::Config::default());
     let store = controller.store();
+    let live = controller.store();
+    let metrics = ctx.metrics.clone();
     // metadata only: the mapper needs names, the reconcile reads the content
     let sources = Api::<PartialObjectMeta<ConfigMap>>::all(client.clone());
     // A first reconcile of a big pool applies thousands of children, each echoed back by a
@@ -466,10 +468,16 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         })
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
+        .for_each(|result| {
             if let Err(err) = result {
                 warn!(%err, "controller");
             }
+            metrics.forget_pools_except(
+                live.state()
+                    .iter()
+                    .map(|p| p.metadata.name.as_deref().unwrap_or_default()),
+            );
+            async {}
         })
         .await;
 }

@@ -3,6 +3,8 @@
 
 use std::time::Instant;
 
+use prometheus::core::Collector;
+
 use prometheus::{
     HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
@@ -91,6 +93,34 @@ impl Metrics {
         Ok(m)
     }
 
+    /// Drops the per-pool gauges of every pool not in `live`. A deleted pool gets no
+    /// reconcile, so without this its last counts would stay on the dashboard for ever.
+    pub fn forget_pools_except<'a>(&self, live: impl IntoIterator<Item = &'a str>) {
+        let live: std::collections::HashSet<&str> = live.into_iter().collect();
+        for gauge in [&self.pool_devices, &self.pool_ports] {
+            let stale: Vec<Vec<String>> = gauge
+                .collect()
+                .iter()
+                .flat_map(|family| family.get_metric())
+                .map(|m| {
+                    m.get_label()
+                        .iter()
+                        .map(|l| l.value().to_owned())
+                        .collect::<Vec<_>>()
+                })
+                .filter(|labels| {
+                    labels
+                        .first()
+                        .is_some_and(|pool| !live.contains(pool.as_str()))
+                })
+                .collect();
+            for labels in stale {
+                let values: Vec<&str> = labels.iter().map(String::as_str).collect();
+                let _ = gauge.remove_label_values(&values);
+            }
+        }
+    }
+
     /// Counts a reconcile and times it until the returned guard drops.
     pub fn reconcile_started(&self) -> ReconcileTimer {
         self.reconciles.with_label_values(&[CONTROLLER]).inc();
@@ -118,6 +148,27 @@ impl Drop for ReconcileTimer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deleted_pools_gauges_are_forgotten() {
+        let m = Metrics::register(&Registry::new()).unwrap();
+        for pool in ["kept", "deleted"] {
+            m.pool_devices
+                .with_label_values(&[pool, "allocated"])
+                .set(3);
+            m.pool_ports.with_label_values(&[pool, "free"]).set(7);
+        }
+        m.forget_pools_except(["kept"]);
+        let pools = |g: &IntGaugeVec| -> Vec<String> {
+            g.collect()[0]
+                .get_metric()
+                .iter()
+                .map(|m| m.get_label()[0].value().to_owned())
+                .collect()
+        };
+        assert_eq!(pools(&m.pool_devices), ["kept"]);
+        assert_eq!(pools(&m.pool_ports), ["kept"]);
+    }
 
     #[test]
     fn names_are_the_documented_ones() {
