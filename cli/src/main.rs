@@ -33,6 +33,9 @@ enum Command {
         /// Address of the admin server.
         #[arg(long, default_value = "0.0.0.0:9090")]
         admin_addr: std::net::SocketAddr,
+        /// Address the device ports are bound on.
+        #[arg(long, default_value = "0.0.0.0")]
+        bind: std::net::IpAddr,
     },
     /// Run the Kubernetes operator: reconcile TrackerPortPools into listener shards, with
     /// leader election (Lease `trackgate-operator` in $POD_NAMESPACE) and /metrics /livez /readyz.
@@ -64,8 +67,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Decode(args) => decode::run(args),
         Command::Simulate(args) => simulate::run_simulate(*args),
-        Command::Listen { config, admin_addr } => tokio::runtime::Runtime::new()?
-            .block_on(trackgate_listener::run(config, admin_addr))
+        Command::Listen {
+            config,
+            admin_addr,
+            bind,
+        } => tokio::runtime::Runtime::new()?
+            .block_on(trackgate_listener::run(config, admin_addr, bind))
             .map_err(Into::into),
         Command::Operator { admin_addr } => tokio::runtime::Runtime::new()?
             .block_on(trackgate_operator::run(admin_addr))

@@ -224,7 +224,7 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
 
     let outcome = run(config).await?;
     if !args.json {
-        print!("{}", outcome.report);
+        crate::print_stdout(&outcome.report.to_string())?;
     }
     let verification = match &layout {
         Some(layout) => Some(verify(layout, &outcome.acked, &imeis).await?),
@@ -232,9 +232,9 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     };
     if args.json {
         let json = serde_json::json!({ "report": outcome.report, "verification": verification });
-        println!("{}", serde_json::to_string_pretty(&json)?);
+        crate::print_stdout(&format!("{}\n", serde_json::to_string_pretty(&json)?))?;
     } else if let Some(v) = &verification {
-        println!("{v}");
+        crate::print_stdout(&format!("{v}\n"))?;
     }
     if let Some(v) = verification
         && !v.is_ok()

@@ -45,9 +45,13 @@ pub use sink::MAX_BATCH_CALLS;
 ///
 /// # Errors
 /// [`StartError`] when the config, a port, the admin address or the Redis URL is unusable.
-pub async fn run(config: PathBuf, admin_addr: SocketAddr) -> Result<(), StartError> {
+pub async fn run(
+    config: PathBuf,
+    admin_addr: SocketAddr,
+    bind_ip: std::net::IpAddr,
+) -> Result<(), StartError> {
     trackgate_telemetry::init_logging(trackgate_telemetry::LogFormat::from_env());
-    serve(vec![ShardSource::File(config)], admin_addr, None).await
+    serve(vec![ShardSource::File(config)], admin_addr, Some(bind_ip)).await
 }
 
 /// Serves one or several shards in this process with an admin server (`/metrics` with

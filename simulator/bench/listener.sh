@@ -74,7 +74,7 @@ EOF
 }
 
 start_listener() {
-  "$BIN" listen --config "$1" --admin-addr "127.0.0.1:${ADMIN_PORT}" 2>>"$WORK/listener.log" &
+  "$BIN" listen --config "$1" --admin-addr "127.0.0.1:${ADMIN_PORT}" --bind 127.0.0.1 2>>"$WORK/listener.log" &
   LISTENER_PID=$!
   until (exec 3<>"/dev/tcp/127.0.0.1/${DEVICE_PORT}") 2>/dev/null; do sleep 0.02; done
 }

@@ -173,6 +173,7 @@ fn spawn_listener(config: &Path, admin: u16, redis_url: &str) -> Child {
         .arg(config)
         .arg("--admin-addr")
         .arg(format!("127.0.0.1:{admin}"))
+        .args(["--bind", "127.0.0.1"])
         .env("TRACKGATE_REDIS_URL", redis_url)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
