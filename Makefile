@@ -46,7 +46,7 @@ fuzz-smoke:
 	bash protocol/fuzz/smoke.sh
 
 deny:
-	$(CARGO) deny --locked check bans licenses sources
+	$(CARGO) deny --locked --log-level error check bans licenses sources
 
 helm:
 	bash tests/helm/check.sh
