@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
 
@@ -171,6 +171,73 @@ pub fn wait_for_port(addr: SocketAddr, within: Duration) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
+}
+
+/// Path of the `trackgate` binary of this build, refusing one older than the sources.
+///
+/// `CARGO_BIN_EXE_trackgate` exists only inside the `trackgate` package, and a bin-only package
+/// cannot be a dependency, so the binary is looked for where cargo puts it for this same build:
+/// `current_exe()` is `<target>/<profile>/deps/<test>-<hash>`, so the binary is
+/// `<target>/<profile>/trackgate`. Building it from inside a test would deadlock on cargo's
+/// build-directory lock, so `make test` builds it first. `TRACKGATE_BIN` overrides the path.
+pub fn trackgate_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("TRACKGATE_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("current test executable");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("trackgate"))
+        .expect("test executable lives in <target>/<profile>/deps");
+    let built = std::fs::metadata(&bin)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| {
+            panic!(
+                "{} not found: run `cargo build -p trackgate` (same profile and target dir) first",
+                bin.display()
+            )
+        });
+    let root = workspace_root();
+    for dir in [
+        "listener/src",
+        "protocol/src",
+        "cli/src",
+        "api/src",
+        "telemetry/src",
+        "operator/src",
+    ] {
+        if let Some(newer) = newest_file(&root.join(dir)).filter(|(t, _)| *t > built) {
+            panic!(
+                "{} is older than {}: run `cargo build -p trackgate` first",
+                bin.display(),
+                newer.1.display()
+            );
+        }
+    }
+    bin
+}
+
+fn newest_file(dir: &Path) -> Option<(SystemTime, PathBuf)> {
+    let mut newest: Option<(SystemTime, PathBuf)> = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let candidate = if path.is_dir() {
+            newest_file(&path)
+        } else {
+            entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .map(|t| (t, path))
+        };
+        if let Some(c) = candidate
+            && newest.as_ref().is_none_or(|n| c.0 > n.0)
+        {
+            newest = Some(c);
+        }
+    }
+    newest
 }
 
 /// The workspace root (for paths to examples and vectors).

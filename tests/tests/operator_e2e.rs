@@ -7,12 +7,12 @@
 //! written, an edit reaching only its shard's allocation table, deletion cleaning up through
 //! owner references, and a bad pool refused by the CRD's schema and CEL rules.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use trackgate_tests::{free_port, which, workspace_root};
+use trackgate_tests::{free_port, trackgate_binary, which, workspace_root};
 
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -91,26 +91,6 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_secs(1));
     }
-}
-
-/// `TRACKGATE_BIN`, or `<target>/<profile>/trackgate` next to this test's executable (build
-/// it first: `cargo build -p trackgate`).
-fn trackgate_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("TRACKGATE_BIN") {
-        return PathBuf::from(path);
-    }
-    let exe = std::env::current_exe().expect("current test executable");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join("trackgate"))
-        .expect("test executable lives in <target>/<profile>/deps");
-    assert!(
-        bin.is_file(),
-        "{} not found: run `cargo build -p trackgate` first or set TRACKGATE_BIN",
-        bin.display()
-    );
-    bin
 }
 
 /// A namespace deleted (with everything in it) on drop.

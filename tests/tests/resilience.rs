@@ -2,92 +2,26 @@
 //! load. A real `redis-server`, the real `trackgate listen` binary as a child process, and the
 //! simulator's devices on loopback; the simulator's verifier is the judge.
 //!
-//! The binary: `CARGO_BIN_EXE_trackgate` exists only inside the `trackgate` package, and a
-//! bin-only package cannot be a dependency, so the tests look for it where cargo puts it for
-//! this same build: `current_exe()` is `<target>/<profile>/deps/resilience-<hash>`, so the
-//! binary is `<target>/<profile>/trackgate`. Building it from inside a test would deadlock on
-//! cargo's build-directory lock, so it must be built first (`cargo build -p trackgate`; the
-//! Makefile's test target does), and a binary older than the listener's sources is refused
-//! rather than silently tested. `TRACKGATE_BIN` overrides the path.
+//! The binary is found by `trackgate_tests::trackgate_binary` (`make test` builds it first).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use trackgate_api::{IdentificationMode, ListenerLimits, PortBinding, RedisSink, ShardConfig};
 use trackgate_simulator::{
     DeviceSettings, LoadConfig, LoadOutcome, Stats, StreamLayout, Verification, run_with_stats,
     targets_from_shard, verify,
 };
-use trackgate_tests::{RedisServer, free_port, free_ports, wait_for_port, workspace_root};
+use trackgate_tests::{RedisServer, free_port, free_ports, trackgate_binary, wait_for_port};
 
 const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const POOL: &str = "resilience";
 const DEVICES: usize = 8;
 
 // === Harness ===
-
-/// Path of the `trackgate` binary of this build, refusing a stale one.
-fn trackgate_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("TRACKGATE_BIN") {
-        return PathBuf::from(path);
-    }
-    let exe = std::env::current_exe().expect("current test executable");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join("trackgate"))
-        .expect("test executable lives in <target>/<profile>/deps");
-    let built = std::fs::metadata(&bin)
-        .and_then(|m| m.modified())
-        .unwrap_or_else(|_| {
-            panic!(
-                "{} not found: run `cargo build -p trackgate` (same profile and target dir) first",
-                bin.display()
-            )
-        });
-    let root = workspace_root();
-    for dir in [
-        "listener/src",
-        "protocol/src",
-        "cli/src",
-        "api/src",
-        "telemetry/src",
-    ] {
-        if let Some(newer) = newest_file(&root.join(dir)).filter(|(t, _)| *t > built) {
-            panic!(
-                "{} is older than {}: run `cargo build -p trackgate` first",
-                bin.display(),
-                newer.1.display()
-            );
-        }
-    }
-    bin
-}
-
-fn newest_file(dir: &Path) -> Option<(SystemTime, PathBuf)> {
-    let mut newest: Option<(SystemTime, PathBuf)> = None;
-    for entry in std::fs::read_dir(dir).ok()?.flatten() {
-        let path = entry.path();
-        let candidate = if path.is_dir() {
-            newest_file(&path)
-        } else {
-            entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .map(|t| (t, path))
-        };
-        if let Some(c) = candidate
-            && newest.as_ref().is_none_or(|n| c.0 > n.0)
-        {
-            newest = Some(c);
-        }
-    }
-    newest
-}
 
 /// A dedicated-mode shard of `DEVICES` devices on free loopback ports.
 fn shard_config() -> ShardConfig {
