@@ -212,3 +212,14 @@ pub enum Frame {
     /// A command or response (Codec 12, 13, 14, 15); never acked.
     Command(Command),
 }
+
+#[cfg(test)]
+mod test_util {
+    /// Bytes from a hex string as printed in the vendor's and traccar's examples.
+    pub(crate) fn hex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+}

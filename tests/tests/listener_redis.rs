@@ -930,31 +930,24 @@ async fn metrics_pass_promtool_and_carry_the_starter_set() {
 /// Over `maxConnections` a connection is closed at once and counted as `limit`.
 #[tokio::test]
 async fn connections_over_the_limit_are_rejected_and_counted() {
-    let ports = free_ports(1);
-    let mut config = dedicated(&ports, &IMEIS[..1]);
-    config.limits.max_connections = 1;
-    let Some(h) = Harness::start(config).await else {
-        return;
-    };
-    let _first = Device::logged_in(h.addr(ports[0]), IMEIS[0]).await;
-    let mut second = Device::connect(h.addr(ports[0])).await;
-    assert!(second.is_closed().await);
-    assert_eq!(
-        h.metric(
-            "trackgate_listener_connections_rejected_total",
-            &[("pool", POOL), ("reason", "limit")]
-        ),
-        1.0
-    );
-    assert!(h.shutdown().await);
+    assert_second_connection_rejected(|limits| limits.max_connections = 1, "limit").await;
 }
 
 /// Over `acceptRatePerSecond` a connection is closed at once and counted as `rate`.
 #[tokio::test]
 async fn connections_over_the_accept_rate_are_rejected_and_counted() {
+    assert_second_connection_rejected(|limits| limits.accept_rate_per_second = 1, "rate").await;
+}
+
+/// With `limit` applied, a first device logs in and a second connection on the same port is
+/// closed at once and counted under `reason`.
+async fn assert_second_connection_rejected(
+    limit: impl FnOnce(&mut trackgate_api::ListenerLimits),
+    reason: &str,
+) {
     let ports = free_ports(1);
     let mut config = dedicated(&ports, &IMEIS[..1]);
-    config.limits.accept_rate_per_second = 1;
+    limit(&mut config.limits);
     let Some(h) = Harness::start(config).await else {
         return;
     };
@@ -964,7 +957,7 @@ async fn connections_over_the_accept_rate_are_rejected_and_counted() {
     assert_eq!(
         h.metric(
             "trackgate_listener_connections_rejected_total",
-            &[("pool", POOL), ("reason", "rate")]
+            &[("pool", POOL), ("reason", reason)]
         ),
         1.0
     );
