@@ -157,6 +157,70 @@ pub enum ShardConfigError {
 }
 
 impl ShardConfig {
+    /// A dedicated-mode shard: each `(port, imei)` binds a port to the one device it admits.
+    /// TCP only, default limits and sink; set the other fields with struct update syntax.
+    pub fn dedicated(
+        pool: impl Into<String>,
+        shard: u32,
+        owners: impl IntoIterator<Item = (u16, String)>,
+    ) -> Self {
+        let ports = owners
+            .into_iter()
+            .map(|(port, imei)| PortBinding {
+                port,
+                imei: Some(imei),
+            })
+            .collect();
+        Self::with_ports(
+            pool.into(),
+            shard,
+            IdentificationMode::Dedicated,
+            ports,
+            Vec::new(),
+        )
+    }
+
+    /// A shared-mode shard: every port admits every IMEI of `devices`.
+    /// TCP only, default limits and sink; set the other fields with struct update syntax.
+    pub fn shared(
+        pool: impl Into<String>,
+        shard: u32,
+        ports: impl IntoIterator<Item = u16>,
+        devices: impl IntoIterator<Item = String>,
+    ) -> Self {
+        let ports = ports
+            .into_iter()
+            .map(|port| PortBinding { port, imei: None })
+            .collect();
+        let devices = devices.into_iter().collect();
+        Self::with_ports(
+            pool.into(),
+            shard,
+            IdentificationMode::Shared,
+            ports,
+            devices,
+        )
+    }
+
+    fn with_ports(
+        pool: String,
+        shard: u32,
+        mode: IdentificationMode,
+        ports: Vec<PortBinding>,
+        devices: Vec<String>,
+    ) -> Self {
+        Self {
+            pool,
+            shard,
+            mode,
+            ports,
+            devices,
+            udp: false,
+            limits: ListenerLimits::default(),
+            redis: RedisSink::default(),
+        }
+    }
+
     /// Parses and validates a shard config from JSON text.
     ///
     /// # Errors
@@ -214,25 +278,14 @@ mod tests {
     use super::*;
 
     fn dedicated() -> ShardConfig {
-        ShardConfig {
-            pool: "fleet".into(),
-            shard: 0,
-            mode: IdentificationMode::Dedicated,
-            ports: vec![
-                PortBinding {
-                    port: 5001,
-                    imei: Some("356307042441013".into()),
-                },
-                PortBinding {
-                    port: 5000,
-                    imei: Some("352093086403655".into()),
-                },
+        ShardConfig::dedicated(
+            "fleet",
+            0,
+            [
+                (5001, "356307042441013".to_owned()),
+                (5000, "352093086403655".to_owned()),
             ],
-            devices: vec![],
-            udp: false,
-            limits: ListenerLimits::default(),
-            redis: RedisSink::default(),
-        }
+        )
     }
 
     #[test]

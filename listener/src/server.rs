@@ -36,7 +36,7 @@ const CONFIG_READY: &str = "config";
 /// Readiness condition: every configured port bound.
 const PORTS_READY: &str = "ports";
 /// Loops beat at least this often while idle.
-const BEAT_EVERY: Duration = Duration::from_millis(500);
+pub(crate) const BEAT_EVERY: Duration = Duration::from_millis(500);
 
 /// Process-wide settings that do not come from a shard config.
 #[derive(Clone, Debug)]

@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::UdpSocket;
 use tokio::sync::{Semaphore, watch};
@@ -39,7 +38,7 @@ pub(crate) async fn serve(
     let socket = Arc::new(socket);
     let tasks = Arc::new(Semaphore::new(MAX_DATAGRAM_TASKS));
     let mut buf = vec![0u8; MAX_DATAGRAM];
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut tick = tokio::time::interval(crate::server::BEAT_EVERY);
     loop {
         heartbeat.beat();
         tokio::select! {

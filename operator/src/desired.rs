@@ -27,8 +27,7 @@ use serde::Serialize;
 use serde_json::json;
 use trackgate_api::shard_config::{REDIS_URL_ENV, SHARD_CONFIG_FILE};
 use trackgate_api::{
-    ExposureType, IdentificationMode, PortBinding, ShardConfig, TrackerPortPool,
-    TrackerPortPoolSpec,
+    ExposureType, IdentificationMode, ShardConfig, TrackerPortPool, TrackerPortPoolSpec,
 };
 
 use crate::allocate::{self, ALLOCATION_TABLE_FILE, Allocation, Layout, PoolDevice, Previous};
@@ -180,35 +179,23 @@ pub fn shard_configs(
         .shards
         .iter()
         .map(|(&index, entries)| {
-            let (ports, devices) = match spec.mode {
-                IdentificationMode::Dedicated => (
-                    entries
-                        .iter()
-                        .map(|(port, imei)| PortBinding {
-                            port: *port,
-                            imei: Some(imei.clone()),
-                        })
-                        .collect(),
-                    Vec::new(),
-                ),
+            let config = match spec.mode {
+                IdentificationMode::Dedicated => {
+                    ShardConfig::dedicated(pool, index, entries.iter().cloned())
+                }
                 // shared: every port of the shard is served; any admitted IMEI may use any
-                IdentificationMode::Shared => (
-                    layout
-                        .available_ports(index)
-                        .map(|port| PortBinding { port, imei: None })
-                        .collect(),
-                    entries.iter().map(|(_, imei)| imei.clone()).collect(),
+                IdentificationMode::Shared => ShardConfig::shared(
+                    pool,
+                    index,
+                    layout.available_ports(index),
+                    entries.iter().map(|(_, imei)| imei.clone()),
                 ),
             };
             ShardConfig {
-                pool: pool.to_owned(),
-                shard: index,
-                mode: spec.mode,
-                ports,
-                devices,
                 udp: spec.udp,
                 limits: spec.limits.clone(),
                 redis: spec.redis.sink.clone(),
+                ..config
             }
         })
         .collect()

@@ -15,7 +15,7 @@ use redis::streams::StreamRangeReply;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::oneshot;
-use trackgate_api::{IdentificationMode, ListenerLimits, PortBinding, RedisSink, ShardConfig};
+use trackgate_api::ShardConfig;
 use trackgate_listener::{Listener, ListenerOptions, METRIC_NAMES, ShardSource, keys};
 use trackgate_protocol::{
     AvlPacket, AvlRecord, Codec, Command, Imei, IoElement, IoValue, UdpDatagram, crc16_ibm,
@@ -61,23 +61,11 @@ fn options(redis: &RedisServer) -> ListenerOptions {
 
 /// A dedicated-mode config: one port per IMEI.
 fn dedicated(ports: &[u16], imeis: &[&str]) -> ShardConfig {
-    ShardConfig {
-        pool: POOL.into(),
-        shard: 0,
-        mode: IdentificationMode::Dedicated,
-        ports: ports
-            .iter()
-            .zip(imeis)
-            .map(|(port, imei)| PortBinding {
-                port: *port,
-                imei: Some((*imei).to_owned()),
-            })
-            .collect(),
-        devices: vec![],
-        udp: false,
-        limits: ListenerLimits::default(),
-        redis: RedisSink::default(),
-    }
+    let owners = ports
+        .iter()
+        .zip(imeis)
+        .map(|(&port, imei)| (port, (*imei).to_owned()));
+    ShardConfig::dedicated(POOL, 0, owners)
 }
 
 impl Harness {
@@ -491,15 +479,8 @@ async fn udp_datagram_is_stored_then_acked() {
 #[tokio::test]
 async fn shared_mode_admits_pool_devices_on_any_port() {
     let ports = free_ports(2);
-    let config = ShardConfig {
-        mode: IdentificationMode::Shared,
-        ports: ports
-            .iter()
-            .map(|&port| PortBinding { port, imei: None })
-            .collect(),
-        devices: IMEIS[..3].iter().map(|s| (*s).to_owned()).collect(),
-        ..dedicated(&[], &[])
-    };
+    let devices = IMEIS[..3].iter().map(|s| (*s).to_owned());
+    let config = ShardConfig::shared(POOL, 0, ports.iter().copied(), devices);
     let Some(h) = Harness::start(config).await else {
         return;
     };

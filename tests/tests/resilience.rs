@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use trackgate_api::{IdentificationMode, ListenerLimits, PortBinding, RedisSink, ShardConfig};
+use trackgate_api::{RedisSink, ShardConfig};
 use trackgate_simulator::{
     DeviceSettings, LoadConfig, LoadOutcome, Stats, StreamLayout, Verification, run_with_stats,
     targets_from_shard, verify,
@@ -25,26 +25,16 @@ const DEVICES: usize = 8;
 
 /// A dedicated-mode shard of `DEVICES` devices on free loopback ports.
 fn shard_config() -> ShardConfig {
-    let ports = free_ports(DEVICES);
+    let owners = free_ports(DEVICES)
+        .into_iter()
+        .zip(356_307_042_441_013u64..)
+        .map(|(port, imei)| (port, imei.to_string()));
     ShardConfig {
-        pool: POOL.into(),
-        shard: 0,
-        mode: IdentificationMode::Dedicated,
-        ports: ports
-            .iter()
-            .enumerate()
-            .map(|(i, &port)| PortBinding {
-                port,
-                imei: Some(format!("{}", 356_307_042_441_013u64 + i as u64)),
-            })
-            .collect(),
-        devices: vec![],
-        udp: false,
-        limits: ListenerLimits::default(),
         redis: RedisSink {
             partitions: 4,
             ..RedisSink::default()
         },
+        ..ShardConfig::dedicated(POOL, 0, owners)
     }
 }
 

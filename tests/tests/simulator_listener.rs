@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use prometheus::Registry;
-use trackgate_api::{IdentificationMode, ListenerLimits, PortBinding, RedisSink, ShardConfig};
+use trackgate_api::ShardConfig;
 use trackgate_listener::{Listener, ListenerOptions, ShardSource};
 use trackgate_protocol::Codec;
 use trackgate_simulator::{
@@ -23,20 +23,10 @@ async fn every_codec_over_tcp_and_udp_is_stored_exactly_as_sent() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
+    let devices = (0..4).map(|i| (356_307_042_441_013u64 + i).to_string());
     let config = ShardConfig {
-        pool: "sim".into(),
-        shard: 0,
-        mode: IdentificationMode::Shared,
-        ports: free_ports(2)
-            .into_iter()
-            .map(|port| PortBinding { port, imei: None })
-            .collect(),
-        devices: (0..4)
-            .map(|i| format!("{}", 356_307_042_441_013u64 + i))
-            .collect(),
         udp: true,
-        limits: ListenerLimits::default(),
-        redis: RedisSink::default(),
+        ..ShardConfig::shared("sim", 0, free_ports(2), devices)
     };
     let options = ListenerOptions {
         redis_url: redis.url(),
