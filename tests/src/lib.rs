@@ -13,19 +13,41 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
 
-/// A free TCP port on 127.0.0.1 (bound, read, released: a tiny race that tests accept).
+/// Test ports come from this band, below the ephemeral range (32768-60999) that Linux hands
+/// to outgoing connections: a port picked there can be taken by a client socket between the
+/// pick and the bind.
+pub const TEST_PORTS: std::ops::Range<u16> = 20000..32000;
+
+/// A free TCP port on 127.0.0.1 in [`TEST_PORTS`] (bound, read, released: a tiny race that
+/// tests accept).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free port on 127.0.0.1: {e}"))
+    free_ports(1)[0]
 }
 
-/// `n` distinct free ports, all held open until every one is chosen so none repeats.
+/// `n` distinct free ports in [`TEST_PORTS`], all held open until every one is chosen so none
+/// repeats. The scan starts at a point drawn from the clock and the pid, so concurrent test
+/// processes rarely probe the same ports.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let held: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
-        .collect();
+    let span = u32::from(TEST_PORTS.end - TEST_PORTS.start);
+    let seed = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
+        ^ std::process::id().wrapping_mul(2_654_435_761);
+    let mut held = Vec::with_capacity(n);
+    for step in 0..span {
+        if held.len() == n {
+            break;
+        }
+        let port = TEST_PORTS.start + ((seed.wrapping_add(step.wrapping_mul(7919))) % span) as u16;
+        // both TCP and UDP free: listeners bind the same port number for each
+        if let Ok(tcp) = TcpListener::bind(("127.0.0.1", port))
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        {
+            held.push(tcp);
+        }
+    }
+    assert_eq!(held.len(), n, "fewer than {n} free ports in {TEST_PORTS:?}");
     held.iter()
         .map(|l| l.local_addr().expect("local addr").port())
         .collect()
@@ -267,5 +289,6 @@ mod tests {
         let ports = free_ports(20);
         let set: std::collections::BTreeSet<_> = ports.iter().collect();
         assert_eq!(set.len(), 20);
+        assert!(ports.iter().all(|p| TEST_PORTS.contains(p)));
     }
 }

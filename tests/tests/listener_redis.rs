@@ -22,7 +22,7 @@ use trackgate_protocol::{
     encode_avl, encode_command, encode_login, encode_udp, udp_ack,
 };
 use trackgate_telemetry::Health;
-use trackgate_tests::{RedisServer, free_ports, require_tool};
+use trackgate_tests::{RedisServer, free_port, free_ports, require_tool};
 
 const POOL: &str = "fleet";
 const IMEIS: [&str; 4] = [
@@ -93,7 +93,9 @@ impl Harness {
         )
         .await
         .unwrap();
-        let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_listener = tokio::net::TcpListener::bind(("127.0.0.1", free_port()))
+            .await
+            .unwrap();
         let admin = admin_listener.local_addr().unwrap();
         let (admin_stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(trackgate_telemetry::serve(
