@@ -2,15 +2,19 @@
 //!
 //! - [`pool`]: the `TrackerPortPool` custom resource (spec, status, CEL rules).
 //! - [`conditions`]: condition types and reasons of the pool status.
+//! - [`redis_layout`]: the Redis contract — key names, partition function, entry fields,
+//!   fingerprint and the store script — shared by the listener, the simulator, the CLI and the
+//!   tests.
 //! - [`shard_config`]: the file the operator writes into each shard's ConfigMap and the
 //!   listener reads (and reloads) — the contract between control plane and data plane.
 //!
-//! This crate does no IO: no sockets, no files, no Kubernetes client. `kube` may appear here
+//! This crate does no IO (it depends only on the sans-io protocol crate): no sockets, no files, no Kubernetes client. `kube` may appear here
 //! only with its `derive` feature, for the `TrackerPortPool` custom resource.
 #![warn(missing_docs)]
 
 pub mod conditions;
 pub mod pool;
+pub mod redis_layout;
 pub mod shard_config;
 
 pub use pool::{

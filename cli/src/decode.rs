@@ -180,7 +180,7 @@ fn packet_json(p: &AvlPacket) -> Map<String, Value> {
         .iter()
         .map(|r| {
             let mut m = Map::new();
-            for (name, value) in r.fields() {
+            for (name, value) in trackgate_api::redis_layout::record_fields(r) {
                 // `io` is JSON text in Redis; nest it as an object here so it reads well.
                 let value = match name {
                     "io" => serde_json::from_str(&value).unwrap_or(Value::String(value)),

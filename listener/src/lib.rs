@@ -15,12 +15,12 @@
 //! protocol parsing (that is `trackgate-protocol`), no Kubernetes client.
 //!
 //! Module map: `server` (accept loops, limits, reload, shutdown), `session` (one device),
-//! `udp`, `sink` (the only module that knows Redis), `config`, `metrics`, [`keys`].
+//! `udp`, `sink` (the only module that knows Redis), `config`, `metrics`. The Redis layout (key names, fields, fingerprint, store script) is
+//! [`trackgate_api::redis_layout`].
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod config;
 mod error;
-pub mod keys;
 mod metrics;
 mod server;
 mod session;

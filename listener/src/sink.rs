@@ -35,11 +35,11 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, RedisResult, Script, Value};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use trackgate_api::redis_layout::{self as layout, STORE_READINGS_LUA, StoreArgs};
 use trackgate_protocol::{AvlRecord, Codec, Imei};
 use trackgate_telemetry::{Health, Heartbeat};
 
 use crate::error::{PublishError, StartError};
-use crate::keys;
 use crate::metrics::Metrics;
 
 /// Most frames in one pipeline: large enough to amortise the round trip, small enough that
@@ -55,42 +55,6 @@ const SIDE_QUEUE_DEPTH: usize = 4096;
 const EVENTS_MAX_LEN: u64 = 100_000;
 /// Readiness name of the Redis condition.
 pub(crate) const REDIS_READY: &str = "redis";
-
-const STORE_READINGS: &str = r"
--- KEYS[1]: readings stream; KEYS[2]: the device's recent-fingerprint set.
--- ARGV: maxlen, window (records), ttl_ms, imei, codec, port, recv,
---       then per record: fingerprint and the 10 field values.
--- Returns how many records were new (added to the stream).
-local names = {'ts','lat','lon','alt','angle','sats','speed','priority','event','io'}
-local new, pending = {}, {}
-for a = 8, #ARGV, 11 do
-  local fp = ARGV[a]
-  if not pending[fp] and not redis.call('ZSCORE', KEYS[2], fp) then
-    pending[fp] = true
-    new[#new + 1] = a
-  end
-end
-if #new == 0 then
-  return 0
-end
--- Make room first, so the set never exceeds the window and stays a compact listpack.
-local room = math.max(tonumber(ARGV[2]) - #new, 0)
-redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(room + 1))
-for seq, a in ipairs(new) do
-  local e = {'imei', ARGV[4]}
-  for j = 1, 10 do
-    e[#e + 1] = names[j]
-    e[#e + 1] = ARGV[a + j]
-  end
-  e[#e + 1] = 'codec'; e[#e + 1] = ARGV[5]
-  e[#e + 1] = 'port'; e[#e + 1] = ARGV[6]
-  e[#e + 1] = 'recv'; e[#e + 1] = ARGV[7]
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(e))
-  redis.call('ZADD', KEYS[2], string.format('%d', tonumber(ARGV[7]) * 1000 + seq), ARGV[a])
-end
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
-return #new
-";
 
 /// Publisher settings.
 #[derive(Clone, Debug)]
@@ -135,7 +99,7 @@ impl StoreCall {
     /// Number of records in the call.
     #[cfg(test)]
     pub(crate) fn records(&self) -> usize {
-        self.args.len().saturating_sub(7) / 11
+        self.args.len().saturating_sub(layout::STORE_FIXED_ARGS) / layout::STORE_ARGS_PER_RECORD
     }
 
     fn cmd(&self, script: &Script) -> Cmd {
@@ -243,7 +207,7 @@ impl Sink {
         let publisher = Publisher {
             batcher: Batcher {
                 conn,
-                script: Script::new(STORE_READINGS),
+                script: Script::new(STORE_READINGS_LUA),
                 health: health.clone(),
                 response_timeout: options.response_timeout,
                 metrics: metrics.clone(),
@@ -310,25 +274,23 @@ impl Sink {
         records: &[AvlRecord],
         recv_ms: u64,
     ) -> Arc<StoreCall> {
-        let partition = keys::partition_of(imei, keys.partitions);
+        let partition = layout::partition_of(imei, keys.partitions);
         let call_keys = vec![
-            keys::readings_key(&keys.prefix, &keys.pool, partition),
-            keys::seen_key(&keys.prefix, &keys.pool, partition, imei.as_str()),
+            layout::readings_key(&keys.prefix, &keys.pool, partition),
+            layout::seen_key(&keys.prefix, &keys.pool, partition, imei.as_str()),
         ];
-        let mut args = Vec::with_capacity(7 + 11 * records.len());
-        args.extend([
-            keys.max_len.to_string(),
-            self.dedup_records.to_string(),
-            self.dedup_ttl_ms.to_string(),
-            imei.as_str().to_owned(),
-            codec.label().to_owned(),
-            port.to_string(),
-            recv_ms.to_string(),
-        ]);
-        for record in records {
-            args.push(keys::fingerprint_member(record.fingerprint()));
-            args.extend(record.fields().into_iter().map(|(_, value)| value));
-        }
+        let args = layout::store_args(
+            &StoreArgs {
+                max_len: keys.max_len,
+                dedup_records: self.dedup_records,
+                dedup_ttl_ms: self.dedup_ttl_ms,
+                imei: imei.as_str(),
+                codec: codec.label(),
+                port,
+                recv_ms,
+            },
+            records,
+        );
         Arc::new(StoreCall {
             keys: call_keys,
             args,
@@ -352,7 +314,7 @@ impl Sink {
     /// Queues an event for `<prefix>:{<pool>}:events` (best effort).
     pub(crate) fn event(&self, keys: &ShardKeys, port: u16, peer: SocketAddr, event: Event<'_>) {
         let mut cmd = redis::cmd("XADD");
-        cmd.arg(keys::events_key(&keys.prefix, &keys.pool))
+        cmd.arg(layout::events_key(&keys.prefix, &keys.pool))
             .arg("MAXLEN")
             .arg("~")
             .arg(EVENTS_MAX_LEN)
@@ -421,7 +383,7 @@ impl Sink {
             "port": port,
         });
         let mut cmd = redis::cmd("HSET");
-        cmd.arg(keys::devices_key(&keys.prefix, &keys.pool))
+        cmd.arg(layout::devices_key(&keys.prefix, &keys.pool))
             .arg(imei)
             .arg(state.to_string());
         self.side_write(cmd, &keys.pool);

@@ -88,7 +88,6 @@ mod command;
 mod crc;
 mod envelope;
 mod error;
-mod fields;
 mod login;
 mod reader;
 mod udp;

@@ -192,19 +192,6 @@ proptest! {
         prop_assert_eq!(decode_udp(&buf, &Limits::default()).unwrap(), d);
     }
 
-    #[test]
-    fn fingerprint_survives_a_change_of_frame(p in packet()) {
-        // The same records re-packed one per frame keep their fingerprints.
-        let mut buf = BytesMut::new();
-        encode_avl(&p, &mut buf).unwrap();
-        let Some(Frame::Avl(back)) = FrameDecoder::default().decode(&mut buf).unwrap() else {
-            panic!("expected AVL");
-        };
-        for (a, b) in p.records.iter().zip(&back.records) {
-            prop_assert_eq!(a.fingerprint(), b.fingerprint());
-        }
-    }
-
     /// Any split of a valid multi-frame stream yields the same frames.
     #[test]
     fn chunk_split_invariance(

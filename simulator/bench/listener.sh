@@ -91,9 +91,7 @@ start_redis
 if [[ " $PARTS " == *" ceiling "* ]]; then
   say "ceiling: redis-benchmark EVALSHA store_readings, ${RPF} records/call, ${BENCH_CLIENTS} clients, pipeline ${BENCH_PIPELINE}"
   # The script text, exactly as the listener sends it.
-  sed -n '/^const STORE_READINGS: &str = r"$/,/^";$/p' "$ROOT/listener/src/sink.rs" |
-    sed '1d;$d' >"$WORK/store_readings.lua"
-  SHA=$(rcli -x SCRIPT LOAD <"$WORK/store_readings.lua")
+  SHA=$(rcli -x SCRIPT LOAD <"$ROOT/api/src/store_readings.lua")
   # One record's 10 field values, as a simulated Codec 8E device produces them.
   RECORD=(1763700000000 54.6872345 -3.1000000 120 215 11 63 0 0
     '{"16":43122,"21":4,"24":63,"66":12873,"67":4012,"78":1311768467463790320,"239":1,"240":1,"256":"57565a5a5a314b5a3132333435363738"}')

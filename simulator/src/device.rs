@@ -11,6 +11,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
+use trackgate_api::redis_layout;
 use trackgate_protocol::{
     AvlPacket, AvlRecord, Codec, EncodeError, Imei, encode_avl, encode_login,
 };
@@ -240,7 +241,7 @@ impl Device {
                 .extend(pending.packet.records.iter().map(|r| AckedRecord {
                     imei: self.imei_number,
                     ts_ms: r.timestamp_ms,
-                    key: record_key(r.fields().iter().map(|(_, v)| v.as_str())),
+                    key: record_key(redis_layout::record_values(r).iter().map(String::as_str)),
                     acked_at,
                 }));
         }

@@ -23,8 +23,8 @@ pub struct AckedRecord {
     pub acked_at: Duration,
 }
 
-/// FNV-1a over the record's Redis field values (`ts lat lon alt angle sats speed priority
-/// event io`, in that order, each followed by a separator): a stable, dependency-free digest
+/// FNV-1a over the record's Redis field values (`redis_layout::RECORD_FIELDS` order, each
+/// followed by a separator): a stable, dependency-free digest
 /// so that millions of acked records cost 32 bytes each, not their text.
 pub fn record_key<'a>(values: impl IntoIterator<Item = &'a str>) -> u64 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;

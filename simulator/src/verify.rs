@@ -8,16 +8,11 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 use serde::Serialize;
+use trackgate_api::redis_layout::{self, FIELD_IMEI, FIELD_RECV, RECORD_FIELDS};
 use trackgate_protocol::Imei;
 
 use crate::report::AckedLog;
 use crate::stats::record_key;
-
-/// Record fields, in the order [`record_key`] digests them (the protocol crate's
-/// `AvlRecord::fields` order).
-const RECORD_FIELDS: [&str; 10] = [
-    "ts", "lat", "lon", "alt", "angle", "sats", "speed", "priority", "event", "io",
-];
 
 /// Entries read per `XRANGE` call: big enough to keep round trips few, small enough to keep
 /// one reply's memory modest.
@@ -42,7 +37,7 @@ pub struct StreamLayout {
 impl StreamLayout {
     /// The key of partition `n`'s readings stream.
     pub fn readings_key(&self, n: u32) -> String {
-        format!("{}:{{{}:{}}}:readings", self.prefix, self.pool, n)
+        redis_layout::readings_key(&self.prefix, &self.pool, n)
     }
 }
 
@@ -158,8 +153,8 @@ pub async fn verify(
                 for kv in flat.chunks_exact(2) {
                     let (name, value) = (kv[0].as_str(), kv[1].as_str());
                     match name {
-                        "imei" => imei = Some(value),
-                        "recv" => recv = Some(value),
+                        FIELD_IMEI => imei = Some(value),
+                        FIELD_RECV => recv = Some(value),
                         _ => {
                             if let Some(i) = RECORD_FIELDS.iter().position(|f| *f == name) {
                                 values[i] = value;

@@ -16,7 +16,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::oneshot;
 use trackgate_api::ShardConfig;
-use trackgate_listener::{Listener, ListenerOptions, METRIC_NAMES, ShardSource, keys};
+use trackgate_api::redis_layout as keys;
+use trackgate_listener::{Listener, ListenerOptions, METRIC_NAMES, ShardSource};
 use trackgate_protocol::{
     AvlPacket, AvlRecord, Codec, Command, Imei, IoElement, IoValue, UdpDatagram, crc16_ibm,
     encode_avl, encode_command, encode_login, encode_udp, udp_ack,

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use trackgate_api::redis_layout;
 use trackgate_protocol::{Codec, Imei};
 use trackgate_simulator::{AckedLog, AckedRecord, StreamLayout, Track, record_key, verify};
 use trackgate_tests::RedisServer;
@@ -49,7 +50,7 @@ async fn verifier_counts_missing_duplicated_and_altered_records() {
             .map(|r| AckedRecord {
                 imei: IMEI.parse().unwrap(),
                 ts_ms: r.timestamp_ms,
-                key: record_key(r.fields().iter().map(|(_, v)| v.as_str())),
+                key: record_key(redis_layout::record_values(r).iter().map(String::as_str)),
                 acked_at: Duration::ZERO,
             })
             .collect(),
@@ -57,7 +58,7 @@ async fn verifier_counts_missing_duplicated_and_altered_records() {
     );
     let entry = |i: usize| {
         let mut fields = vec![("imei", IMEI.to_owned())];
-        fields.extend(records[i].fields());
+        fields.extend(redis_layout::record_fields(&records[i]));
         fields.extend([
             ("codec", "8e".to_owned()),
             ("port", "5000".to_owned()),

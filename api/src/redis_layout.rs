@@ -1,0 +1,379 @@
+//! The Redis contract (DESIGN.md's Redis layout) in one place: key names, the partition
+//! function, the entry fields, the record fingerprint and the store script. The listener
+//! writes by it; the simulator's verifier, the CLI and the tests read by it.
+//!
+//! Every key of one readings call carries the partition's hash tag `{<pool>:<n>}`, so the
+//! store script touching the stream and the device's dedup set stays in one Redis Cluster
+//! slot. Events and device state carry the pool's tag `{<pool>}`: one slot per pool.
+
+use std::fmt::Write as _;
+
+use trackgate_protocol::{AvlRecord, Imei, IoValue};
+
+// === readings ===
+
+/// The fields a record contributes to its stream entry, in the order of
+/// [`record_values`] and of the store script's `names`.
+pub const RECORD_FIELDS: [&str; 10] = [
+    "ts", "lat", "lon", "alt", "angle", "sats", "speed", "priority", "event", "io",
+];
+
+/// Entry field: the device's IMEI (15 digits).
+pub const FIELD_IMEI: &str = "imei";
+/// Entry field: the codec label (`8`, `8E`, `16`).
+pub const FIELD_CODEC: &str = "codec";
+/// Entry field: the listener port the frame arrived on.
+pub const FIELD_PORT: &str = "port";
+/// Entry field: server receive time, ms since the Unix epoch.
+pub const FIELD_RECV: &str = "recv";
+
+/// The store script: dedups one frame's records against the device's recent fingerprints
+/// and XADDs the new ones, atomically. `KEYS`: [`readings_key`], [`seen_key`]; `ARGV`:
+/// [`StoreArgs`] then, per record, [`fingerprint_member`] and the [`record_values`].
+/// Runnable by hand with `redis-cli --eval api/src/store_readings.lua` (example in the file).
+pub const STORE_READINGS_LUA: &str = include_str!("store_readings.lua");
+
+/// Fixed `ARGV` of one store call (before the per-record arguments).
+#[derive(Debug, Clone, Copy)]
+pub struct StoreArgs<'a> {
+    /// `MAXLEN ~` of the readings stream.
+    pub max_len: u64,
+    /// Fingerprints kept per device (the dedup window, in records).
+    pub dedup_records: u32,
+    /// Idle time after which the device's fingerprint set expires, ms.
+    pub dedup_ttl_ms: u64,
+    /// The device.
+    pub imei: &'a str,
+    /// Codec label.
+    pub codec: &'a str,
+    /// Listener port.
+    pub port: u16,
+    /// Server receive time, ms since the Unix epoch.
+    pub recv_ms: u64,
+}
+
+/// Number of fixed `ARGV` before the records; each record then takes
+/// [`STORE_ARGS_PER_RECORD`].
+pub const STORE_FIXED_ARGS: usize = 7;
+/// `ARGV` per record: its fingerprint and the [`RECORD_FIELDS`] values.
+pub const STORE_ARGS_PER_RECORD: usize = 1 + RECORD_FIELDS.len();
+
+/// The store script's `ARGV` for one frame.
+pub fn store_args(fixed: &StoreArgs<'_>, records: &[AvlRecord]) -> Vec<String> {
+    let mut args = Vec::with_capacity(STORE_FIXED_ARGS + STORE_ARGS_PER_RECORD * records.len());
+    args.extend([
+        fixed.max_len.to_string(),
+        fixed.dedup_records.to_string(),
+        fixed.dedup_ttl_ms.to_string(),
+        fixed.imei.to_owned(),
+        fixed.codec.to_owned(),
+        fixed.port.to_string(),
+        fixed.recv_ms.to_string(),
+    ]);
+    for record in records {
+        args.push(fingerprint_member(fingerprint(record)));
+        args.extend(record_values(record));
+    }
+    args
+}
+
+/// The readings partition of a device: the IMEI's numeric value modulo `partitions`.
+///
+/// Plain arithmetic on purpose: a consumer in any language can compute it, and it never changes
+/// between versions (a hash function from a crate could).
+pub fn partition_of(imei: &Imei, partitions: u32) -> u32 {
+    let value: u64 = imei.as_str().parse().unwrap_or(0);
+    let partitions = u64::from(partitions.max(1));
+    u32::try_from(value % partitions).unwrap_or(0)
+}
+
+/// `<prefix>:{<pool>:<n>}:readings`.
+pub fn readings_key(prefix: &str, pool: &str, partition: u32) -> String {
+    format!("{prefix}:{{{pool}:{partition}}}:readings")
+}
+
+/// `<prefix>:{<pool>:<n>}:seen:<imei>`: the device's recent record fingerprints (a sorted
+/// set, the dedup window), in the same hash slot as the device's readings stream.
+pub fn seen_key(prefix: &str, pool: &str, partition: u32, imei: &str) -> String {
+    format!("{prefix}:{{{pool}:{partition}}}:seen:{imei}")
+}
+
+/// A fingerprint as the member of [`seen_key`]'s set: 16 lowercase hex digits.
+pub fn fingerprint_member(fingerprint: u64) -> String {
+    format!("{fingerprint:016x}")
+}
+
+/// The values a record contributes to its entry, in [`RECORD_FIELDS`] order.
+///
+/// `lat`/`lon` are the wire integer / 10^7 with exactly 7 decimals (`54.6872345`,
+/// `-3.1000000`), so no float rounding ever changes a stored coordinate. `io` is
+/// [`io_json`]. (The listener adds `imei`, `codec`, `port` and `recv`.)
+pub fn record_values(record: &AvlRecord) -> [String; 10] {
+    [
+        record.timestamp_ms.to_string(),
+        degrees(record.latitude),
+        degrees(record.longitude),
+        record.altitude.to_string(),
+        record.angle.to_string(),
+        record.satellites.to_string(),
+        record.speed.to_string(),
+        record.priority.to_string(),
+        record.event_id.to_string(),
+        io_json(record),
+    ]
+}
+
+/// The record's fields as `(name, value)` pairs, in [`RECORD_FIELDS`] order.
+pub fn record_fields(record: &AvlRecord) -> impl Iterator<Item = (&'static str, String)> {
+    RECORD_FIELDS.into_iter().zip(record_values(record))
+}
+
+/// The `io` field: a JSON object in wire order, IO id as a string → unsigned integer, or a
+/// lowercase hex string for variable-length values: `{"239":1,"256":"575657"}`.
+pub fn io_json(record: &AvlRecord) -> String {
+    let mut out = String::with_capacity(2 + record.io.len() * 12);
+    out.push('{');
+    for (i, e) in record.io.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        // Writing to a String cannot fail.
+        let _ = write!(out, "\"{}\":", e.id);
+        match &e.value {
+            IoValue::Var(bytes) => {
+                out.push('"');
+                for b in bytes {
+                    let _ = write!(out, "{b:02x}");
+                }
+                out.push('"');
+            }
+            fixed => {
+                let _ = write!(out, "{}", fixed.as_u64().unwrap_or_default());
+            }
+        }
+    }
+    out.push('}');
+    out
+}
+
+/// A deterministic 64-bit hash of every field of a record (FNV-1a; no per-process random
+/// seed), the same for the same record whichever frame or codec carried it: the dedup key for
+/// records a device resends after a lost ack. Stored records' fingerprints depend on it, so it
+/// never changes (pinned by a test).
+pub fn fingerprint(record: &AvlRecord) -> u64 {
+    let mut h = Fnv::new();
+    h.write(&record.timestamp_ms.to_be_bytes());
+    h.write(&[record.priority]);
+    h.write(&record.longitude.to_be_bytes());
+    h.write(&record.latitude.to_be_bytes());
+    h.write(&record.altitude.to_be_bytes());
+    h.write(&record.angle.to_be_bytes());
+    h.write(&[record.satellites]);
+    h.write(&record.speed.to_be_bytes());
+    h.write(&record.event_id.to_be_bytes());
+    match record.generation_type {
+        Some(g) => h.write(&[1, g]),
+        None => h.write(&[0]),
+    }
+    h.write(&(record.io.len() as u64).to_be_bytes());
+    for e in &record.io {
+        h.write(&e.id.to_be_bytes());
+        // The width is hashed so that U8(1) and U16(1) differ, and Var values are
+        // length-prefixed so that adjacent values cannot run together.
+        h.write(&(e.value.width() as u64).to_be_bytes());
+        match &e.value {
+            IoValue::Var(b) => {
+                h.write(&[4]);
+                h.write(b);
+            }
+            fixed => {
+                h.write(&[0]);
+                h.write(&fixed.as_u64().unwrap_or_default().to_be_bytes());
+            }
+        }
+    }
+    h.finish()
+}
+
+/// `value / 10^7` with exactly seven decimals, sign included (`-0.5000000`).
+fn degrees(value: i32) -> String {
+    let v = i64::from(value);
+    let sign = if v < 0 { "-" } else { "" };
+    let abs = v.unsigned_abs();
+    format!("{sign}{}.{:07}", abs / 10_000_000, abs % 10_000_000)
+}
+
+/// FNV-1a, 64-bit: tiny, fast on short inputs, and stable across processes and versions.
+struct Fnv(u64);
+
+impl Fnv {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+
+    fn new() -> Self {
+        Fnv(Self::OFFSET)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(Self::PRIME);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+// === side writes ===
+
+/// `<prefix>:{<pool>}:events`: connect, login accepted/refused, disconnect, decode error,
+/// command responses.
+pub fn events_key(prefix: &str, pool: &str) -> String {
+    format!("{prefix}:{{{pool}}}:events")
+}
+
+/// `<prefix>:{<pool>}:devices`: a hash, field = IMEI, value = JSON device state.
+pub fn devices_key(prefix: &str, pool: &str) -> String {
+    format!("{prefix}:{{{pool}}}:devices")
+}
+
+#[cfg(test)]
+mod tests {
+    use trackgate_protocol::IoElement;
+
+    use super::*;
+
+    fn rec() -> AvlRecord {
+        AvlRecord {
+            timestamp_ms: 1_560_161_086_000,
+            priority: 1,
+            longitude: -31_000_000,
+            latitude: 546_872_345,
+            altitude: 120,
+            angle: 90,
+            satellites: 7,
+            speed: 42,
+            event_id: 239,
+            generation_type: None,
+            io: vec![
+                IoElement {
+                    id: 239,
+                    value: IoValue::U8(1),
+                },
+                IoElement {
+                    id: 72,
+                    value: IoValue::U32(4_294_967_294),
+                },
+                IoElement {
+                    id: 256,
+                    value: IoValue::Var(vec![0x57, 0x0a].into()),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn keys_carry_the_partition_hash_tag() {
+        assert_eq!(
+            readings_key("trackgate", "fleet", 3),
+            "trackgate:{fleet:3}:readings"
+        );
+        assert_eq!(
+            seen_key("trackgate", "fleet", 3, "356307042441013"),
+            "trackgate:{fleet:3}:seen:356307042441013"
+        );
+        assert_eq!(fingerprint_member(0xab), "00000000000000ab");
+        assert_eq!(events_key("tg", "fleet"), "tg:{fleet}:events");
+        assert_eq!(devices_key("tg", "fleet"), "tg:{fleet}:devices");
+    }
+
+    #[test]
+    fn partition_is_the_imei_modulo_partitions() {
+        let imei = Imei::parse("356307042441013").unwrap();
+        assert_eq!(partition_of(&imei, 4), (356_307_042_441_013u64 % 4) as u32);
+        assert_eq!(partition_of(&imei, 1), 0);
+        assert_eq!(partition_of(&imei, 0), 0);
+    }
+
+    #[test]
+    fn fields_follow_the_redis_contract() {
+        let f: Vec<_> = record_fields(&rec()).collect();
+        let names: Vec<_> = f.iter().map(|(k, _)| *k).collect();
+        assert_eq!(names, RECORD_FIELDS);
+        assert_eq!(f[0].1, "1560161086000");
+        assert_eq!(f[1].1, "54.6872345");
+        assert_eq!(f[2].1, "-3.1000000");
+        assert_eq!(f[9].1, r#"{"239":1,"72":4294967294,"256":"570a"}"#);
+    }
+
+    #[test]
+    fn degrees_edges() {
+        assert_eq!(degrees(0), "0.0000000");
+        assert_eq!(degrees(-5_000_000), "-0.5000000");
+        assert_eq!(degrees(1_800_000_000), "180.0000000");
+        assert_eq!(degrees(i32::MIN), "-214.7483648");
+    }
+
+    #[test]
+    fn fingerprint_is_stable_and_sensitive() {
+        let a = rec();
+        // Pinned: a change here would break dedup against records already stored.
+        assert_eq!(fingerprint(&a), 0x0545_1be8_7c41_fa7e);
+        let mut b = a.clone();
+        b.io[0].value = IoValue::U16(1);
+        assert_ne!(fingerprint(&a), fingerprint(&b));
+        let mut c = a.clone();
+        c.timestamp_ms += 1;
+        assert_ne!(fingerprint(&a), fingerprint(&c));
+        let mut d = a.clone();
+        d.generation_type = Some(0);
+        assert_ne!(fingerprint(&a), fingerprint(&d));
+    }
+
+    #[test]
+    fn the_script_writes_the_fields_of_this_module() {
+        let names = RECORD_FIELDS
+            .iter()
+            .map(|f| format!("'{f}'"))
+            .collect::<Vec<_>>()
+            .join(",");
+        assert!(
+            STORE_READINGS_LUA.contains(&format!("local names = {{{names}}}")),
+            "store_readings.lua's names differ from RECORD_FIELDS"
+        );
+        for field in [FIELD_IMEI, FIELD_CODEC, FIELD_PORT, FIELD_RECV] {
+            assert!(
+                STORE_READINGS_LUA.contains(&format!("'{field}'")),
+                "{field}"
+            );
+        }
+        assert!(STORE_READINGS_LUA.contains(&format!(
+            "for a = {}, #ARGV, {}",
+            STORE_FIXED_ARGS + 1,
+            STORE_ARGS_PER_RECORD
+        )));
+    }
+
+    #[test]
+    fn store_args_are_fixed_args_then_fingerprint_and_values_per_record() {
+        let fixed = StoreArgs {
+            max_len: 10,
+            dedup_records: 128,
+            dedup_ttl_ms: 1000,
+            imei: "356307042441013",
+            codec: "8E",
+            port: 5027,
+            recv_ms: 7,
+        };
+        let args = store_args(&fixed, &[rec(), rec()]);
+        assert_eq!(args.len(), STORE_FIXED_ARGS + 2 * STORE_ARGS_PER_RECORD);
+        assert_eq!(
+            args[..STORE_FIXED_ARGS],
+            ["10", "128", "1000", "356307042441013", "8E", "5027", "7"]
+        );
+        assert_eq!(args[STORE_FIXED_ARGS], "05451be87c41fa7e");
+        assert_eq!(args[STORE_FIXED_ARGS + 1], "1560161086000");
+    }
+}
