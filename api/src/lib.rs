@@ -22,4 +22,6 @@ pub use pool::{
     Protocol, RedisSpec, SecretKeyRef, ShardStatus, Sharding, TrackerPortPool, TrackerPortPoolSpec,
     TrackerPortPoolStatus,
 };
-pub use shard_config::{IdentificationMode, ListenerLimits, PortBinding, RedisSink, ShardConfig};
+pub use shard_config::{
+    AckMode, Durability, IdentificationMode, ListenerLimits, PortBinding, RedisSink, ShardConfig,
+};

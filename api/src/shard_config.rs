@@ -120,6 +120,8 @@ pub struct RedisSink {
     pub partitions: u32,
     /// Approximate `MAXLEN ~` of each readings stream.
     pub max_len: u64,
+    /// What a device's ack promises about its records (see docs/operations.md).
+    pub durability: Durability,
 }
 
 impl Default for RedisSink {
@@ -128,8 +130,94 @@ impl Default for RedisSink {
             stream_prefix: "trackgate".to_owned(),
             partitions: 4,
             max_len: 1_000_000,
+            durability: Durability::default(),
         }
     }
+}
+
+/// When a frame is acked: after Redis has its records in memory, or only once they are
+/// fsynced and/or on replicas. One wait per pipeline, so the cost is shared by its frames.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Durability {
+    /// `memory` (default), `fsync` (`WAITAOF 1 0`), `replicas` (`WAIT <replicas>`) or
+    /// `fsyncReplicas` (`WAITAOF 1 <replicas>`: fsynced on the primary and on that many
+    /// replicas).
+    pub ack: AckMode,
+    /// Replicas that must have the records (`replicas` and `fsyncReplicas`).
+    #[schemars(range(min = 1, max = 16))]
+    pub replicas: u32,
+    /// Longest wait for the fsync or the replicas, in milliseconds; a wait that times out is a
+    /// failed store (no ack: the device resends and dedup absorbs the copy).
+    #[schemars(range(min = 1, max = 60000))]
+    pub timeout_ms: u32,
+}
+
+impl Default for Durability {
+    fn default() -> Self {
+        Self {
+            ack: AckMode::Memory,
+            replicas: 1,
+            timeout_ms: 1000,
+        }
+    }
+}
+
+impl Durability {
+    /// The wait as `(command, numlocal, numreplicas)`: `None` for [`AckMode::Memory`].
+    pub fn wait(&self) -> Option<(&'static str, u32, u32)> {
+        match self.ack {
+            AckMode::Memory => None,
+            AckMode::Fsync => Some(("WAITAOF", 1, 0)),
+            AckMode::Replicas => Some(("WAIT", 0, self.replicas.max(1))),
+            AckMode::FsyncReplicas => Some(("WAITAOF", 1, self.replicas.max(1))),
+        }
+    }
+
+    /// The wait's timeout.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(u64::from(self.timeout_ms.max(1)))
+    }
+}
+
+/// See [`Durability::ack`].
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum AckMode {
+    /// Acked when the primary has the records in memory.
+    #[default]
+    Memory,
+    /// Acked when the primary has fsynced them to its AOF (`WAITAOF 1 0`).
+    Fsync,
+    /// Acked when `replicas` replicas have them in memory (`WAIT`).
+    Replicas,
+    /// Acked when the primary and `replicas` replicas have fsynced them (`WAITAOF 1 N`).
+    FsyncReplicas,
 }
 
 /// Why a shard config is unusable.

@@ -59,6 +59,10 @@ pub enum PublishError {
     /// Redis answered with an error.
     #[error("redis error: {0}")]
     Server(String),
+    /// The records are stored but the pool's durability wait (`WAIT`/`WAITAOF`) failed or
+    /// timed out: not acked, the device resends and dedup absorbs the copy.
+    #[error("durability not reached: {0}")]
+    Durability(String),
     /// The publisher task has stopped (shutdown).
     #[error("publisher stopped")]
     Stopped,
@@ -71,6 +75,7 @@ impl PublishError {
             PublishError::Timeout => "timeout",
             PublishError::Connection(_) => "connection",
             PublishError::Server(_) => "server",
+            PublishError::Durability(_) => "durability",
             PublishError::Stopped => "stopped",
         }
     }

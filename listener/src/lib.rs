@@ -22,6 +22,8 @@
 mod config;
 mod error;
 mod metrics;
+mod publisher;
+mod redis_conn;
 mod server;
 mod session;
 mod sink;

@@ -209,6 +209,7 @@ impl Listener {
                 dedup_records: options.dedup_records,
                 dedup_ttl: options.dedup_ttl,
                 heartbeat_max_silence: options.liveness_max_silence,
+                durability: configs.iter().map(|(c, _)| c.redis.durability).collect(),
             },
             metrics.clone(),
             &health,

@@ -31,16 +31,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Cmd, RedisResult, Script, Value};
+use redis::{Cmd, Script};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use trackgate_api::Durability;
 use trackgate_api::redis_layout::{self as layout, STORE_READINGS_LUA, StoreArgs};
 use trackgate_protocol::{AvlRecord, Codec, Imei};
-use trackgate_telemetry::{Health, Heartbeat};
+use trackgate_telemetry::Health;
 
 use crate::error::{PublishError, StartError};
 use crate::metrics::Metrics;
+use crate::publisher::{Batcher, DURABILITY_READY, Publisher, REDIS_READY, run_side_writes};
+use crate::redis_conn::RedisConn;
 
 /// Most frames in one pipeline: large enough to amortise the round trip, small enough that
 /// one slow batch does not hold hundreds of acks.
@@ -53,8 +55,6 @@ const QUEUE_DEPTH: usize = 4 * MAX_BATCH_CALLS;
 const SIDE_QUEUE_DEPTH: usize = 4096;
 /// `MAXLEN ~` of the events stream.
 const EVENTS_MAX_LEN: u64 = 100_000;
-/// Readiness name of the Redis condition.
-pub(crate) const REDIS_READY: &str = "redis";
 
 /// Publisher settings.
 #[derive(Clone, Debug)]
@@ -66,6 +66,8 @@ pub(crate) struct SinkOptions {
     pub(crate) dedup_records: u32,
     pub(crate) dedup_ttl: Duration,
     pub(crate) heartbeat_max_silence: Duration,
+    /// Durability of the shards configured at start (checked before the first frame).
+    pub(crate) durability: Vec<Durability>,
 }
 
 /// Where one shard's data goes (from its config's `redis` section).
@@ -75,6 +77,7 @@ pub(crate) struct ShardKeys {
     pub(crate) pool: String,
     pub(crate) partitions: u32,
     pub(crate) max_len: u64,
+    pub(crate) durability: Durability,
 }
 
 impl ShardKeys {
@@ -84,6 +87,7 @@ impl ShardKeys {
             pool: config.pool.clone(),
             partitions: config.redis.partitions,
             max_len: config.redis.max_len,
+            durability: config.redis.durability,
         }
     }
 }
@@ -91,8 +95,9 @@ impl ShardKeys {
 /// One frame's records, ready to send (kept for retries: same keys, same `recv`).
 #[derive(Debug)]
 pub(crate) struct StoreCall {
-    keys: Vec<String>,
+    pub(crate) keys: Vec<String>,
     args: Vec<String>,
+    pub(crate) durability: Durability,
 }
 
 impl StoreCall {
@@ -102,9 +107,19 @@ impl StoreCall {
         self.args.len().saturating_sub(layout::STORE_FIXED_ARGS) / layout::STORE_ARGS_PER_RECORD
     }
 
-    fn cmd(&self, script: &Script) -> Cmd {
+    pub(crate) fn cmd(&self, script: &Script) -> Cmd {
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(script.get_hash())
+            .arg(self.keys.len())
+            .arg(&self.keys)
+            .arg(&self.args);
+        cmd
+    }
+
+    /// The same call with the script's text (after `NOSCRIPT`).
+    pub(crate) fn eval_cmd(&self) -> Cmd {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(STORE_READINGS_LUA)
             .arg(self.keys.len())
             .arg(&self.keys)
             .arg(&self.args);
@@ -117,9 +132,11 @@ pub(crate) struct Job {
     pub(crate) reply: oneshot::Sender<Result<u32, PublishError>>,
 }
 
-struct SideWrite {
-    cmd: Cmd,
-    pool: Arc<str>,
+pub(crate) struct SideWrite {
+    pub(crate) cmd: Cmd,
+    /// The key written: on a cluster, side writes are pipelined per key.
+    pub(crate) key: String,
+    pub(crate) pool: Arc<str>,
 }
 
 /// A session or UDP event for the events stream.
@@ -189,33 +206,26 @@ impl Sink {
         health: &Health,
         stop: CancellationToken,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), StartError> {
-        let client =
-            redis::Client::open(options.redis_url.as_str()).map_err(StartError::RedisUrl)?;
-        // Reconnects in the background with exponential backoff (100 ms to 2 s) while the
-        // calls in between fail fast: the sessions' own retry bound decides when to give up.
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(options.response_timeout))
-            .set_response_timeout(Some(options.response_timeout))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(100))
-            .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
+        let conn = RedisConn::open(&options.redis_url, options.response_timeout)
             .map_err(StartError::RedisUrl)?;
         let (jobs_tx, jobs_rx) = mpsc::channel(QUEUE_DEPTH);
         let (side_tx, side_rx) = mpsc::channel(SIDE_QUEUE_DEPTH);
         health.set_ready(REDIS_READY, false);
-        let publisher = Publisher {
-            batcher: Batcher {
-                conn,
-                script: Script::new(STORE_READINGS_LUA),
-                health: health.clone(),
-                response_timeout: options.response_timeout,
-                metrics: metrics.clone(),
-            },
-            jobs: jobs_rx,
-            side: side_rx,
-            heartbeat: health.heartbeat("publisher", options.heartbeat_max_silence),
+        health.set_ready(DURABILITY_READY, false);
+        let batcher = Batcher {
+            conn,
+            script: Script::new(STORE_READINGS_LUA),
+            health: health.clone(),
+            response_timeout: options.response_timeout,
+            metrics: metrics.clone(),
         };
+        let publisher = Publisher {
+            batcher: batcher.clone(),
+            jobs: jobs_rx,
+            heartbeat: health.heartbeat("publisher", options.heartbeat_max_silence),
+            modes: options.durability.iter().copied().collect(),
+        };
+        tokio::spawn(run_side_writes(batcher, side_rx, stop.clone()));
         let task = tokio::spawn(publisher.run(stop));
         let cap = u32::try_from(options.max_inflight_bytes.max(1)).unwrap_or(u32::MAX);
         let sink = Sink {
@@ -294,6 +304,7 @@ impl Sink {
         Arc::new(StoreCall {
             keys: call_keys,
             args,
+            durability: keys.durability,
         })
     }
 
@@ -314,7 +325,8 @@ impl Sink {
     /// Queues an event for `<prefix>:{<pool>}:events` (best effort).
     pub(crate) fn event(&self, keys: &ShardKeys, port: u16, peer: SocketAddr, event: Event<'_>) {
         let mut cmd = redis::cmd("XADD");
-        cmd.arg(layout::events_key(&keys.prefix, &keys.pool))
+        let key = layout::events_key(&keys.prefix, &keys.pool);
+        cmd.arg(&key)
             .arg("MAXLEN")
             .arg("~")
             .arg(EVENTS_MAX_LEN)
@@ -370,7 +382,7 @@ impl Sink {
             .arg(&*self.pod)
             .arg("ts")
             .arg(now_ms());
-        self.side_write(cmd, &keys.pool);
+        self.side_write(cmd, key, &keys.pool);
     }
 
     /// Updates the device's entry in `<prefix>:{<pool>}:devices` (best effort): a JSON object
@@ -383,227 +395,19 @@ impl Sink {
             "port": port,
         });
         let mut cmd = redis::cmd("HSET");
-        cmd.arg(layout::devices_key(&keys.prefix, &keys.pool))
-            .arg(imei)
-            .arg(state.to_string());
-        self.side_write(cmd, &keys.pool);
+        let key = layout::devices_key(&keys.prefix, &keys.pool);
+        cmd.arg(&key).arg(imei).arg(state.to_string());
+        self.side_write(cmd, key, &keys.pool);
     }
 
-    fn side_write(&self, cmd: Cmd, pool: &str) {
+    fn side_write(&self, cmd: Cmd, key: String, pool: &str) {
         let write = SideWrite {
             cmd,
+            key,
             pool: pool.into(),
         };
         if self.side.try_send(write).is_err() {
             self.metrics.events_dropped.with_label_values(&[pool]).inc();
         }
     }
-}
-
-// === Publisher ===
-
-/// Pipelines in flight at once. With one, Redis idles while the listener collects and encodes
-/// the next batch: `simulator/bench/listener.sh` measured 69 % of the Redis ceiling with one,
-/// 72 % with two and 80 % with four. More only queue inside Redis. Every frame is its own job
-/// with its own reply, so batches may finish in any order; a device has one frame in flight,
-/// so none of its frames can overtake another.
-const PIPELINES_IN_FLIGHT: usize = 4;
-
-struct Publisher {
-    batcher: Batcher,
-    jobs: mpsc::Receiver<Job>,
-    side: mpsc::Receiver<SideWrite>,
-    heartbeat: Arc<Heartbeat>,
-}
-
-/// Sends one batch as one pipeline; cheap to clone (the connection is multiplexed).
-#[derive(Clone)]
-struct Batcher {
-    conn: ConnectionManager,
-    script: Script,
-    health: Health,
-    response_timeout: Duration,
-    metrics: Metrics,
-}
-
-impl Publisher {
-    async fn run(mut self, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut busy = false;
-        let mut in_flight = tokio::task::JoinSet::new();
-        loop {
-            self.heartbeat.beat();
-            // Each batch ends within its response timeouts, so this wait is bounded too.
-            while in_flight.len() >= PIPELINES_IN_FLIGHT {
-                let _ = in_flight.join_next().await;
-                self.heartbeat.beat();
-            }
-            let mut jobs = Vec::new();
-            let mut side = Vec::new();
-            tokio::select! {
-                biased;
-                job = self.jobs.recv() => match job {
-                    Some(job) => jobs.push(job),
-                    None => break,
-                },
-                write = self.side.recv() => if let Some(write) = write { side.push(write) },
-                _ = tick.tick() => {
-                    // Readiness tracks Redis even when no device is sending.
-                    if !busy {
-                        self.batcher.ping().await;
-                    }
-                    busy = false;
-                    continue;
-                }
-                () = stop.cancelled() => break,
-            }
-            busy = true;
-            while jobs.len() < MAX_BATCH_CALLS {
-                match self.jobs.try_recv() {
-                    Ok(job) => jobs.push(job),
-                    Err(_) => break,
-                }
-            }
-            while side.len() < MAX_BATCH_CALLS {
-                match self.side.try_recv() {
-                    Ok(write) => side.push(write),
-                    Err(_) => break,
-                }
-            }
-            let batcher = self.batcher.clone();
-            in_flight.spawn(async move { batcher.send_batch(jobs, side).await });
-        }
-        // Shutdown: batches already sent get their answers; whatever is still queued gets a
-        // definite one too (no ack).
-        while in_flight.join_next().await.is_some() {}
-        self.jobs.close();
-        while let Ok(job) = self.jobs.try_recv() {
-            let _ = job.reply.send(Err(PublishError::Stopped));
-        }
-    }
-}
-
-impl Batcher {
-    async fn ping(&mut self) {
-        let ping = redis::cmd("PING");
-        let result = tokio::time::timeout(
-            self.response_timeout,
-            ping.query_async::<String>(&mut self.conn),
-        )
-        .await;
-        self.health
-            .set_ready(REDIS_READY, matches!(result, Ok(Ok(_))));
-    }
-
-    async fn send_batch(mut self, jobs: Vec<Job>, side: Vec<SideWrite>) {
-        let pools: Vec<Arc<str>> = side.iter().map(|w| Arc::clone(&w.pool)).collect();
-        let cmds: Vec<Cmd> = jobs
-            .iter()
-            .map(|j| j.call.cmd(&self.script))
-            .chain(side.into_iter().map(|w| w.cmd))
-            .collect();
-        let mut results = match self.pipeline(cmds).await {
-            Ok(results) => results,
-            Err(err) => {
-                for job in jobs {
-                    let _ = job.reply.send(Err(err.clone()));
-                }
-                for pool in &pools {
-                    self.metrics
-                        .events_dropped
-                        .with_label_values(&[&**pool])
-                        .inc();
-                }
-                return;
-            }
-        };
-        results.truncate(jobs.len());
-        // After a Redis restart the script cache is empty: load it once and resend the calls
-        // that hit NOSCRIPT (safe to repeat: the script is idempotent per record).
-        let noscript: Vec<usize> = results
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| is_noscript(r))
-            .map(|(i, _)| i)
-            .collect();
-        if !noscript.is_empty() {
-            let retry = self.load_script().await.map(|()| {
-                noscript
-                    .iter()
-                    .map(|&i| jobs[i].call.cmd(&self.script))
-                    .collect::<Vec<Cmd>>()
-            });
-            let retried = match retry {
-                Ok(cmds) => self.pipeline(cmds).await,
-                Err(err) => Err(err),
-            };
-            for (k, &i) in noscript.iter().enumerate() {
-                results[i] = match &retried {
-                    Ok(values) => values
-                        .get(k)
-                        .cloned()
-                        .unwrap_or_else(|| Err(missing_reply())),
-                    Err(err) => Err(redis::RedisError::from((
-                        redis::ErrorKind::Io,
-                        "script reload failed",
-                        err.to_string(),
-                    ))),
-                };
-            }
-        }
-        for (job, result) in jobs.into_iter().zip(results) {
-            let outcome = match result {
-                Ok(Value::Int(n)) => Ok(u32::try_from(n).unwrap_or(0)),
-                Ok(other) => Err(PublishError::Server(format!(
-                    "unexpected script reply {other:?}"
-                ))),
-                Err(err) => Err(PublishError::from_redis(&err)),
-            };
-            let _ = job.reply.send(outcome);
-        }
-    }
-
-    async fn pipeline(&mut self, cmds: Vec<Cmd>) -> Result<Vec<RedisResult<Value>>, PublishError> {
-        let expected = cmds.len();
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        for cmd in cmds {
-            pipe.add_command(cmd);
-        }
-        let result = tokio::time::timeout(
-            self.response_timeout,
-            pipe.query_async::<Vec<RedisResult<Value>>>(&mut self.conn),
-        )
-        .await;
-        let outcome = match result {
-            Ok(Ok(values)) if values.len() == expected => Ok(values),
-            Ok(Ok(_)) => Err(PublishError::Server("short pipeline reply".to_owned())),
-            Ok(Err(err)) => Err(PublishError::from_redis(&err)),
-            Err(_) => Err(PublishError::Timeout),
-        };
-        let reachable = !matches!(
-            outcome,
-            Err(PublishError::Timeout | PublishError::Connection(_))
-        );
-        self.health.set_ready(REDIS_READY, reachable);
-        outcome
-    }
-
-    async fn load_script(&mut self) -> Result<(), PublishError> {
-        let load = self.script.prepare_invoke();
-        match tokio::time::timeout(self.response_timeout, load.load_async(&mut self.conn)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(err)) => Err(PublishError::from_redis(&err)),
-            Err(_) => Err(PublishError::Timeout),
-        }
-    }
-}
-
-fn is_noscript(result: &RedisResult<Value>) -> bool {
-    matches!(result, Err(err) if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
-}
-
-fn missing_reply() -> redis::RedisError {
-    redis::RedisError::from((redis::ErrorKind::Io, "missing pipeline reply"))
 }

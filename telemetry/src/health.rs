@@ -15,7 +15,8 @@ pub struct Health {
 struct Inner {
     // NB: std Mutex: held for microseconds, never across an await (mini-redis's reasoning).
     heartbeats: Mutex<Vec<Weak<Heartbeat>>>,
-    ready: Mutex<BTreeMap<String, bool>>,
+    /// Condition name → `Err(why)` while it does not hold (`why` may be empty).
+    ready: Mutex<BTreeMap<String, Result<(), String>>>,
 }
 
 /// A component's proof of progress. The component calls [`Heartbeat::beat`] each time round its
@@ -74,7 +75,14 @@ impl Health {
 
     /// Declares or updates a readiness condition.
     pub fn set_ready(&self, condition: impl Into<String>, ready: bool) {
-        lock(&self.inner.ready).insert(condition.into(), ready);
+        let state = if ready { Ok(()) } else { Err(String::new()) };
+        lock(&self.inner.ready).insert(condition.into(), state);
+    }
+
+    /// Declares or updates a readiness condition with the reason it does not hold, which
+    /// `/readyz` shows next to its name.
+    pub fn set_condition(&self, condition: impl Into<String>, state: Result<(), String>) {
+        lock(&self.inner.ready).insert(condition.into(), state);
     }
 
     /// `Ok` while every live heartbeat is fresh; otherwise the stale ones and their silence.
@@ -102,8 +110,11 @@ impl Health {
     pub fn readiness(&self) -> Result<(), String> {
         let missing: Vec<String> = lock(&self.inner.ready)
             .iter()
-            .filter(|(_, ready)| !**ready)
-            .map(|(name, _)| name.clone())
+            .filter_map(|(name, state)| match state {
+                Ok(()) => None,
+                Err(why) if why.is_empty() => Some(name.clone()),
+                Err(why) => Some(format!("{name} ({why})")),
+            })
             .collect();
         if missing.is_empty() {
             Ok(())
@@ -153,5 +164,10 @@ mod tests {
         assert_eq!(health.readiness(), Err("not ready: redis".to_owned()));
         health.set_ready("redis", true);
         assert_eq!(health.readiness(), Ok(()));
+        health.set_condition("redis", Err("WRONGPASS".to_owned()));
+        assert_eq!(
+            health.readiness(),
+            Err("not ready: redis (WRONGPASS)".to_owned())
+        );
     }
 }
