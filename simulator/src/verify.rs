@@ -48,6 +48,9 @@ pub enum VerifyError {
     /// Talking to Redis failed.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// The Redis URL is not usable.
+    #[error("redis URL: {0}")]
+    Url(String),
 }
 
 impl VerifyError {
@@ -55,6 +58,7 @@ impl VerifyError {
     pub fn reason(&self) -> &'static str {
         match self {
             VerifyError::Redis(_) => "redis",
+            VerifyError::Url(_) => "url",
         }
     }
 }
@@ -117,76 +121,42 @@ pub async fn verify(
     // (imei, ts, key) → copies found. Keyed on the fields too: two runs of the same devices
     // can reuse a device timestamp (tracks log one record per second of device time, faster
     // than real time under load), and such records are different records.
-    let mut expected: HashMap<(u64, u64, u64), u32> = acked
+    let mut expected: Counts = acked
         .records()
         .iter()
         .map(|r| ((r.imei, r.ts_ms, r.key), 0))
         .collect();
-    let mut unacked: HashMap<(u64, u64, u64), u32> = HashMap::new();
+    let mut unacked: Counts = HashMap::new();
     let mut result = Verification {
         acked: expected.len() as u64,
         ..Verification::default()
     };
 
-    let client = redis::Client::open(layout.url.as_str())?;
     // NB: the client's default 500 ms response timeout is too short for a page of a big
     // stream on a machine busy with the load that just ran.
-    let mut conn = client.get_multiplexed_async_connection().await?;
-    conn.set_response_timeout(READ_TIMEOUT);
-    for n in 0..layout.partitions {
-        let key = layout.readings_key(n);
-        let mut start = "-".to_owned();
-        loop {
-            let page: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
-                .arg(&key)
-                .arg(&start)
-                .arg("+")
-                .arg("COUNT")
-                .arg(PAGE)
-                .query_async(&mut conn)
+    let nodes = redis_layout::cluster_nodes(&layout.url).map_err(VerifyError::Url)?;
+    let mut reader = Reader {
+        layout,
+        ours: &ours,
+        acked,
+        expected: &mut expected,
+        unacked: &mut unacked,
+        result: &mut result,
+    };
+    match nodes {
+        Some(nodes) => {
+            let client = redis::cluster::ClusterClientBuilder::new(nodes)
+                .response_timeout(READ_TIMEOUT)
+                .build()?;
+            reader
+                .read(&mut client.get_async_connection().await?)
                 .await?;
-            for (_, flat) in &page {
-                result.entries_read += 1;
-                // A linear scan of the ~14 fields beats building a map per entry.
-                let mut values = [""; RECORD_FIELDS.len()];
-                let (mut imei, mut recv) = (None, None);
-                for kv in flat.chunks_exact(2) {
-                    let (name, value) = (kv[0].as_str(), kv[1].as_str());
-                    match name {
-                        FIELD_IMEI => imei = Some(value),
-                        FIELD_RECV => recv = Some(value),
-                        _ => {
-                            if let Some(i) = RECORD_FIELDS.iter().position(|f| *f == name) {
-                                values[i] = value;
-                            }
-                        }
-                    }
-                }
-                let Some(imei) = imei.filter(|i| ours.contains(i)) else {
-                    continue;
-                };
-                let (Ok(imei), Ok(ts), Some(Ok(recv))) = (
-                    imei.parse::<u64>(),
-                    values[0].parse::<u64>(),
-                    recv.map(str::parse::<u64>),
-                ) else {
-                    result.malformed += 1;
-                    continue;
-                };
-                let entry_key = record_key(values);
-                let id = (imei, ts, entry_key);
-                if let Some(copies) = expected.get_mut(&id) {
-                    *copies += 1;
-                } else if recv >= acked.started_unix_ms() {
-                    // Received during this run but never acked; earlier runs' records are
-                    // not this run's business.
-                    *unacked.entry(id).or_default() += 1;
-                }
-            }
-            match page.last() {
-                Some((id, _)) if page.len() == PAGE => start = format!("({id}"),
-                _ => break,
-            }
+        }
+        None => {
+            let client = redis::Client::open(layout.url.as_str())?;
+            let mut conn = client.get_multiplexed_async_connection().await?;
+            conn.set_response_timeout(READ_TIMEOUT);
+            reader.read(&mut conn).await?;
         }
     }
 
@@ -204,6 +174,83 @@ pub async fn verify(
         result.duplicated += u64::from(copies - 1);
     }
     Ok(result)
+}
+
+type Counts = HashMap<(u64, u64, u64), u32>;
+
+/// One pass over every partition stream, counting copies of each record.
+struct Reader<'a> {
+    layout: &'a StreamLayout,
+    ours: &'a HashSet<&'a str>,
+    acked: &'a AckedLog,
+    expected: &'a mut Counts,
+    unacked: &'a mut Counts,
+    result: &'a mut Verification,
+}
+
+impl Reader<'_> {
+    async fn read(
+        &mut self,
+        conn: &mut impl redis::aio::ConnectionLike,
+    ) -> Result<(), VerifyError> {
+        for n in 0..self.layout.partitions {
+            let key = self.layout.readings_key(n);
+            let mut start = "-".to_owned();
+            loop {
+                let page: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+                    .arg(&key)
+                    .arg(&start)
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(PAGE)
+                    .query_async(conn)
+                    .await?;
+                for (_, flat) in &page {
+                    self.result.entries_read += 1;
+                    // A linear scan of the ~14 fields beats building a map per entry.
+                    let mut values = [""; RECORD_FIELDS.len()];
+                    let (mut imei, mut recv) = (None, None);
+                    for kv in flat.chunks_exact(2) {
+                        let (name, value) = (kv[0].as_str(), kv[1].as_str());
+                        match name {
+                            FIELD_IMEI => imei = Some(value),
+                            FIELD_RECV => recv = Some(value),
+                            _ => {
+                                if let Some(i) = RECORD_FIELDS.iter().position(|f| *f == name) {
+                                    values[i] = value;
+                                }
+                            }
+                        }
+                    }
+                    let Some(imei) = imei.filter(|i| self.ours.contains(i)) else {
+                        continue;
+                    };
+                    let (Ok(imei), Ok(ts), Some(Ok(recv))) = (
+                        imei.parse::<u64>(),
+                        values[0].parse::<u64>(),
+                        recv.map(str::parse::<u64>),
+                    ) else {
+                        self.result.malformed += 1;
+                        continue;
+                    };
+                    let entry_key = record_key(values);
+                    let id = (imei, ts, entry_key);
+                    if let Some(copies) = self.expected.get_mut(&id) {
+                        *copies += 1;
+                    } else if recv >= self.acked.started_unix_ms() {
+                        // Received during this run but never acked; earlier runs' records are
+                        // not this run's business.
+                        *self.unacked.entry(id).or_default() += 1;
+                    }
+                }
+                match page.last() {
+                    Some((id, _)) if page.len() == PAGE => start = format!("({id}"),
+                    _ => break,
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

