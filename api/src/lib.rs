@@ -19,8 +19,8 @@ pub mod shard_config;
 
 pub use pool::{
     Device, DeviceSource, Exposure, ExposureType, ExternalTrafficPolicy, ListenerPod, PortRange,
-    Protocol, RedisSpec, SecretKeyRef, ShardStatus, Sharding, TrackerPortPool, TrackerPortPoolSpec,
-    TrackerPortPoolStatus,
+    Protocol, RedisSpec, RedisTls, SecretKeyRef, ShardStatus, Sharding, TrackerPortPool,
+    TrackerPortPoolSpec, TrackerPortPoolStatus,
 };
 pub use shard_config::{
     AckMode, Durability, IdentificationMode, ListenerLimits, PortBinding, RedisSink, ShardConfig,

@@ -289,9 +289,26 @@ pub struct RedisSpec {
     /// Secret in the pool's namespace holding the Redis URL (it may carry a password, so it
     /// never appears in the pool or the shard config).
     pub url_secret_ref: SecretKeyRef,
-    /// Stream key prefix, partitions and approximate max length.
+    /// TLS material for a `rediss://` URL: the CA to trust and an optional client certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<RedisTls>,
+    /// Stream key prefix, partitions, approximate max length and durability.
     #[serde(flatten)]
     pub sink: RedisSink,
+}
+
+/// A Secret in the pool's namespace, mounted into the listener pods, holding `ca.crt` and,
+/// with `clientCertificate`, `tls.crt` and `tls.key` (the layout of a cert-manager
+/// Certificate's Secret).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisTls {
+    /// The Secret's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
+    /// Present `tls.crt`/`tls.key` to the server (mutual TLS).
+    #[serde(default)]
+    pub client_certificate: bool,
 }
 
 /// A key of a Secret.

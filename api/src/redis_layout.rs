@@ -264,6 +264,31 @@ pub fn cluster_nodes(url: &str) -> Result<Option<Vec<String>>, String> {
     Ok(Some(nodes))
 }
 
+/// The least-privilege ACL rules of a listener's Redis user for key `prefix`: the commands it
+/// sends (the store script's own commands included: scripts run under the caller's ACL) and
+/// its keys, nothing else. `ACL SETUSER <user> on ><password> <rules>`.
+///
+/// - `evalsha`/`eval`: the store script (`eval` reloads it after a restart or failover);
+///   inside it `zscore`, `zremrangebyrank`, `xadd`, `zadd`, `pexpire`;
+/// - `xadd`, `hset`: events and device state;
+/// - `wait`: the `replicas` mode (add [`WAITAOF_ACL`] on servers that have `WAITAOF`, for the
+///   `fsync` modes); `ping`, `info`: readiness and the check that the server can keep the
+///   durability promise;
+/// - `cluster|slots`, `cluster|nodes`, `cluster|shards`, `asking`, `readonly`: the cluster
+///   client's topology reads and redirects (harmless on one server).
+pub fn listener_acl(prefix: &str) -> String {
+    format!(
+        "resetkeys ~{prefix}:* resetchannels -@all \
+         +evalsha +eval +zscore +zremrangebyrank +xadd +zadd +pexpire +hset \
+         +wait +ping +info \
+         +cluster|slots +cluster|nodes +cluster|shards +asking +readonly"
+    )
+}
+
+/// The rule [`listener_acl`] needs for the `fsync` durability modes on Redis >= 7.2 and Valkey
+/// (older servers refuse a rule for a command they do not know).
+pub const WAITAOF_ACL: &str = "+waitaof";
+
 // === side writes ===
 
 /// `<prefix>:{<pool>}:events`: connect, login accepted/refused, disconnect, decode error,

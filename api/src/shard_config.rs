@@ -16,6 +16,14 @@ pub const SHARD_CONFIG_FILE: &str = "shard.json";
 /// Environment variable that carries the Redis URL into a listener (from the pool's Secret).
 pub const REDIS_URL_ENV: &str = "TRACKGATE_REDIS_URL";
 
+/// Environment variable naming the PEM file of the CA a `rediss://` server's certificate must
+/// chain to (mounted from the pool's `redis.tls` Secret).
+pub const REDIS_CA_FILE_ENV: &str = "TRACKGATE_REDIS_CA_FILE";
+/// Environment variable naming the PEM client certificate for mutual TLS.
+pub const REDIS_CLIENT_CERT_FILE_ENV: &str = "TRACKGATE_REDIS_CLIENT_CERT_FILE";
+/// Environment variable naming the PEM key of the client certificate.
+pub const REDIS_CLIENT_KEY_FILE_ENV: &str = "TRACKGATE_REDIS_CLIENT_KEY_FILE";
+
 /// How a device is identified on a port.
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,

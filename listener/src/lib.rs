@@ -40,6 +40,7 @@ use trackgate_telemetry::Health;
 pub use config::load as load_shard_config;
 pub use error::{CloseReason, PublishError, StartError};
 pub use metrics::{METRIC_NAMES, Metrics};
+pub use redis_conn::RedisTlsFiles;
 pub use server::{BoundPort, DEFAULT_REDIS_URL, Listener, ListenerOptions, ShardSource};
 pub use sink::MAX_BATCH_CALLS;
 

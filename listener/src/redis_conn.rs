@@ -8,6 +8,7 @@
 //!   from them and refreshed on `MOVED`. The cluster client reconnects to each node and
 //!   rebuilds its slot map on its own, as the connection manager does for one server.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -17,6 +18,59 @@ use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 use trackgate_api::redis_layout;
 use trackgate_api::{AckMode, Durability};
+
+/// TLS material for `rediss://` URLs, as PEM files (mounted from the pool's Secret). Without
+/// a CA file the system's roots are trusted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RedisTlsFiles {
+    /// CA certificate(s) the server's certificate must chain to
+    /// (`TRACKGATE_REDIS_CA_FILE`).
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate for mutual TLS (`TRACKGATE_REDIS_CLIENT_CERT_FILE`).
+    pub client_cert_file: Option<PathBuf>,
+    /// Its private key (`TRACKGATE_REDIS_CLIENT_KEY_FILE`).
+    pub client_key_file: Option<PathBuf>,
+}
+
+impl RedisTlsFiles {
+    /// Reads the files: `None` when none is set.
+    fn load(&self) -> RedisResult<Option<redis::TlsCertificates>> {
+        let read = |path: &PathBuf, what: &'static str| {
+            std::fs::read(path).map_err(|err| {
+                RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    what,
+                    format!("{}: {err}", path.display()),
+                ))
+            })
+        };
+        let root_cert = self
+            .ca_file
+            .as_ref()
+            .map(|p| read(p, "reading the Redis CA file"))
+            .transpose()?;
+        let client_tls = match (&self.client_cert_file, &self.client_key_file) {
+            (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+                client_cert: read(cert, "reading the Redis client certificate")?,
+                client_key: read(key, "reading the Redis client key")?,
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "a Redis client certificate needs both its certificate and key files",
+                )));
+            }
+        };
+        if root_cert.is_none() && client_tls.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        }))
+    }
+}
 
 /// A multiplexed connection to one server or to a cluster; cheap to clone.
 #[derive(Clone)]
@@ -28,12 +82,19 @@ pub(crate) enum RedisConn {
 impl RedisConn {
     /// Connects lazily: nothing is dialled until the first command, so a listener starts (and
     /// reports not ready) while Redis is down.
-    pub(crate) fn open(url: &str, timeout: Duration) -> RedisResult<Self> {
+    pub(crate) fn open(url: &str, timeout: Duration, tls: &RedisTlsFiles) -> RedisResult<Self> {
+        // rustls needs one process-wide crypto provider; a second install is a no-op error.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let certs = tls.load()?;
         let nodes = redis_layout::cluster_nodes(url).map_err(|why| {
             RedisError::from((redis::ErrorKind::InvalidClientConfig, "cluster URL", why))
         })?;
         if let Some(nodes) = nodes {
-            let client = ClusterClientBuilder::new(nodes)
+            let mut builder = ClusterClientBuilder::new(nodes);
+            if let Some(certs) = certs {
+                builder = builder.certs(certs);
+            }
+            let client = builder
                 .connection_timeout(timeout)
                 .response_timeout(timeout)
                 // Redirects (MOVED/ASK/TRYAGAIN) during a resharding or a failover are retried
@@ -50,7 +111,10 @@ impl RedisConn {
             );
             return Ok(RedisConn::Cluster(conn));
         }
-        let client = redis::Client::open(url)?;
+        let client = match certs {
+            Some(certs) => redis::Client::build_with_tls(url, certs)?,
+            None => redis::Client::open(url)?,
+        };
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))

@@ -27,6 +27,7 @@ use trackgate_telemetry::{Health, Heartbeat};
 use crate::config::{self, ShardView};
 use crate::error::StartError;
 use crate::metrics::Metrics;
+use crate::redis_conn::RedisTlsFiles;
 use crate::session::{self, ShardContext};
 use crate::sink::{Sink, SinkOptions};
 use crate::udp;
@@ -41,8 +42,13 @@ pub(crate) const BEAT_EVERY: Duration = Duration::from_millis(500);
 /// Process-wide settings that do not come from a shard config.
 #[derive(Clone, Debug)]
 pub struct ListenerOptions {
-    /// Redis URL (`TRACKGATE_REDIS_URL`; default `redis://127.0.0.1:6379/`).
+    /// Redis URL (`TRACKGATE_REDIS_URL`; default `redis://127.0.0.1:6379/`): `redis://`,
+    /// `rediss://` (TLS), `redis+cluster://` or `rediss+cluster://` (Redis Cluster), with the
+    /// ACL user and password in it.
     pub redis_url: String,
+    /// CA and client certificate for `rediss://` (`TRACKGATE_REDIS_CA_FILE`,
+    /// `TRACKGATE_REDIS_CLIENT_CERT_FILE`, `TRACKGATE_REDIS_CLIENT_KEY_FILE`).
+    pub redis_tls: RedisTlsFiles,
     /// Address the device ports are bound on (`0.0.0.0`; tests use `127.0.0.1`).
     pub bind_ip: IpAddr,
     /// Name of this listener in the device-state hash (`POD_NAME`, else the host name).
@@ -72,6 +78,7 @@ impl Default for ListenerOptions {
     fn default() -> Self {
         Self {
             redis_url: DEFAULT_REDIS_URL.to_owned(),
+            redis_tls: RedisTlsFiles::default(),
             bind_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             pod_name: "trackgate-listener".to_owned(),
             reload_interval: Duration::from_secs(1),
@@ -100,6 +107,16 @@ impl ListenerOptions {
                 true
             }
             _ => false,
+        };
+        let file = |name: &str| {
+            std::env::var_os(name)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        options.redis_tls = RedisTlsFiles {
+            ca_file: file(trackgate_api::shard_config::REDIS_CA_FILE_ENV),
+            client_cert_file: file(trackgate_api::shard_config::REDIS_CLIENT_CERT_FILE_ENV),
+            client_key_file: file(trackgate_api::shard_config::REDIS_CLIENT_KEY_FILE_ENV),
         };
         if let Some(pod) = ["POD_NAME", "HOSTNAME"]
             .iter()
@@ -203,6 +220,7 @@ impl Listener {
         let (sink, publisher) = Sink::start(
             &SinkOptions {
                 redis_url: options.redis_url.clone(),
+                redis_tls: options.redis_tls.clone(),
                 pod: options.pod_name.clone(),
                 response_timeout: options.redis_timeout,
                 max_inflight_bytes: options.max_inflight_bytes,

@@ -60,6 +60,7 @@ const EVENTS_MAX_LEN: u64 = 100_000;
 #[derive(Clone, Debug)]
 pub(crate) struct SinkOptions {
     pub(crate) redis_url: String,
+    pub(crate) redis_tls: crate::redis_conn::RedisTlsFiles,
     pub(crate) pod: String,
     pub(crate) response_timeout: Duration,
     pub(crate) max_inflight_bytes: usize,
@@ -206,8 +207,12 @@ impl Sink {
         health: &Health,
         stop: CancellationToken,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), StartError> {
-        let conn = RedisConn::open(&options.redis_url, options.response_timeout)
-            .map_err(StartError::RedisUrl)?;
+        let conn = RedisConn::open(
+            &options.redis_url,
+            options.response_timeout,
+            &options.redis_tls,
+        )
+        .map_err(StartError::RedisUrl)?;
         let (jobs_tx, jobs_rx) = mpsc::channel(QUEUE_DEPTH);
         let (side_tx, side_rx) = mpsc::channel(SIDE_QUEUE_DEPTH);
         health.set_ready(REDIS_READY, false);

@@ -25,7 +25,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde_json::json;
-use trackgate_api::shard_config::{REDIS_URL_ENV, SHARD_CONFIG_FILE};
+use trackgate_api::RedisTls;
+use trackgate_api::shard_config::{
+    REDIS_CA_FILE_ENV, REDIS_CLIENT_CERT_FILE_ENV, REDIS_CLIENT_KEY_FILE_ENV, REDIS_URL_ENV,
+    SHARD_CONFIG_FILE,
+};
 use trackgate_api::{
     ExposureType, IdentificationMode, ShardConfig, TrackerPortPool, TrackerPortPoolSpec,
 };
@@ -44,6 +48,8 @@ pub const HASH_ANNOTATION: &str = "trackgate.dev/applied-hash";
 pub const ADMIN_PORT: i32 = 9090;
 /// Where the shard ConfigMap is mounted.
 pub const CONFIG_DIR: &str = "/etc/trackgate";
+/// Where the pool's `redis.tls` Secret is mounted in a listener pod.
+pub const REDIS_TLS_DIR: &str = "/etc/trackgate-redis-tls";
 /// Time a listener gets after SIGTERM: it stops accepting, finishes the packets in flight
 /// (each bounded by the Redis publish timeout) and closes. 45 s covers a slow Redis twice.
 pub const TERMINATION_GRACE: Duration = Duration::from_secs(45);
@@ -384,6 +390,29 @@ pub fn applied_hash(meta: &ObjectMeta) -> Option<&str> {
         .map(String::as_str)
 }
 
+/// The pool's Redis TLS Secret as a read-only volume, and the listener's file variables
+/// pointing into it.
+fn mount_redis_tls(pod_spec: &mut serde_json::Value, tls: &RedisTls) {
+    let mut env =
+        vec![json!({"name": REDIS_CA_FILE_ENV, "value": format!("{REDIS_TLS_DIR}/ca.crt")})];
+    if tls.client_certificate {
+        env.push(json!({"name": REDIS_CLIENT_CERT_FILE_ENV, "value": format!("{REDIS_TLS_DIR}/tls.crt")}));
+        env.push(
+            json!({"name": REDIS_CLIENT_KEY_FILE_ENV, "value": format!("{REDIS_TLS_DIR}/tls.key")}),
+        );
+    }
+    let container = &mut pod_spec["containers"][0];
+    if let Some(list) = container["env"].as_array_mut() {
+        list.extend(env);
+    }
+    if let Some(mounts) = container["volumeMounts"].as_array_mut() {
+        mounts.push(json!({"name": "redis-tls", "mountPath": REDIS_TLS_DIR, "readOnly": true}));
+    }
+    if let Some(volumes) = pod_spec["volumes"].as_array_mut() {
+        volumes.push(json!({"name": "redis-tls", "secret": {"secretName": tls.secret_name}}));
+    }
+}
+
 fn deployment(
     meta: ObjectMeta,
     spec: &TrackerPortPoolSpec,
@@ -439,6 +468,9 @@ fn deployment(
              "whenUnsatisfiable": "ScheduleAnyway", "labelSelector": {"matchLabels": selector}},
         ],
     });
+    if let Some(tls) = &spec.redis.tls {
+        mount_redis_tls(&mut pod_spec, tls);
+    }
     let container = &mut pod_spec["containers"][0];
     if let Some(policy) = &spec.listener.image_pull_policy {
         container["imagePullPolicy"] = json!(policy);
@@ -615,6 +647,61 @@ mod tests {
             ShardConfig::from_json(&d.config_maps[0].data.as_ref().unwrap()[SHARD_CONFIG_FILE])
                 .unwrap();
         assert_eq!(cfg.ports.len(), 9);
+    }
+
+    #[test]
+    fn a_redis_tls_secret_is_mounted_and_named_to_the_listener() {
+        let mut pool = PoolBuilder::dedicated(5000, 5009).with_devices(2).build();
+        pool.spec.redis.tls = Some(RedisTls {
+            secret_name: "redis-tls".into(),
+            client_certificate: true,
+        });
+        let a = crate::fixtures::allocate_for(&pool, &Previous::new());
+        let d = desired_objects(&pool, &a, "img").unwrap();
+        let pod = d.deployments[0]
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap();
+        let volume = pod
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "redis-tls");
+        assert_eq!(
+            volume
+                .unwrap()
+                .secret
+                .as_ref()
+                .unwrap()
+                .secret_name
+                .as_deref(),
+            Some("redis-tls")
+        );
+        let c = &pod.containers[0];
+        let mount = c
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == "redis-tls");
+        assert_eq!(mount.unwrap().mount_path, REDIS_TLS_DIR);
+        let env: Vec<_> = c
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|e| (e.name.as_str(), e.value.as_deref()))
+            .collect();
+        assert!(env.contains(&(REDIS_CA_FILE_ENV, Some("/etc/trackgate-redis-tls/ca.crt"))));
+        assert!(env.contains(&(
+            REDIS_CLIENT_KEY_FILE_ENV,
+            Some("/etc/trackgate-redis-tls/tls.key")
+        )));
     }
 
     #[test]

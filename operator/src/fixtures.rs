@@ -45,6 +45,7 @@ impl PoolBuilder {
                     name: "redis".into(),
                     key: "url".into(),
                 },
+                tls: None,
                 sink: RedisSink::default(),
             },
             udp: false,

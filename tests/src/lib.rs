@@ -102,7 +102,8 @@ impl RedisServer {
     }
 
     /// Starts `binary` (`redis-server`, `valkey-server`, or a path) with extra arguments
-    /// (persistence, TLS, ACL files) on a free port.
+    /// (persistence, TLS on a second port) on a free port, which stays plain TCP so the
+    /// harness can `PING` it.
     pub fn start_with(binary: &str, args: &[&str]) -> Option<Self> {
         let binary = if binary.contains('/') {
             PathBuf::from(binary)
