@@ -13,6 +13,7 @@ ensure_cmd redis-server redis-server
 ensure_cmd redis-cli redis-tools
 ensure_cmd promtool prometheus
 ensure_cmd curl curl
+ensure_cmd openssl openssl
 ensure_cargo_tool cargo-nextest cargo-nextest
 ensure_cargo_tool cargo-fuzz cargo-fuzz
 ensure_cargo_tool cargo-deny cargo-deny
