@@ -56,6 +56,7 @@
 
 mod encode;
 mod error;
+mod fields;
 mod frame;
 mod packet;
 mod reply;
@@ -65,6 +66,7 @@ mod time;
 mod tests;
 
 pub use error::{Gt06EncodeError, Gt06Error};
+pub use fields::{FIELDS, PROTOCOL};
 pub use frame::{Frame, FrameDecoder, crc_itu, encode_frame};
 pub use packet::{
     Gps, Heartbeat, Info, Lbs, Location, Login, Packet, RawPacket, Status, UNITS_PER_DEGREE,
