@@ -33,8 +33,10 @@ use crate::Imei;
 
 // === Types ===
 
-/// A decoded GT06 packet.
+/// A decoded GT06 packet. Non-exhaustive: more layouts will get their own variant (and leave
+/// [`Packet::Raw`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Packet {
     /// `0x01`: the device's identity, the first packet of a session.
     Login(Login),
