@@ -251,8 +251,8 @@ mod tests {
     use std::time::Duration;
 
     use tokio::io::DuplexStream;
-    use trackgate_protocol::{Imei, Limits};
     use trackgate_protocol::gt06::{Frame, reply, reply_to};
+    use trackgate_protocol::{Imei, Limits};
 
     use super::*;
     use crate::device::{DeviceSettings, Protocol};
