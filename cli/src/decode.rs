@@ -1,7 +1,8 @@
 //! `trackgate decode`: a hex dump of one packet (as copied from tcpdump, Wireshark or a device
 //! log) → JSON. Record fields carry the names and formats of the Redis entry (DESIGN.md).
 //! Teltonika (TCP and UDP) and GT06 (`decode/gt06.rs`); the protocol is told by the start bits
-//! (`78 78` / `79 79` is GT06) unless `--protocol` names it.
+//! (`78 78` / `79 79` is GT06) unless `--protocol` names it. Every object carries `protocol`
+//! (`teltonika` or `gt06`), as every Redis entry will.
 
 use std::io::Read;
 
@@ -179,6 +180,7 @@ fn decode_tcp(bytes: &[u8]) -> Result<Value, (FrameError, usize)> {
     if is_login {
         match LoginDecoder::new(Limits::default()).decode(&mut buf) {
             Ok(Some(imei)) => out.push(json!({
+                "protocol": "teltonika",
                 "transport": "tcp",
                 "type": "login",
                 "imei": imei.as_str(),
@@ -205,9 +207,12 @@ fn decode_tcp(bytes: &[u8]) -> Result<Value, (FrameError, usize)> {
 
 fn frame_json(frame: &Frame) -> Value {
     match frame {
-        Frame::KeepAlive => json!({"transport": "tcp", "type": "keep_alive"}),
+        Frame::KeepAlive => {
+            json!({"protocol": "teltonika", "transport": "tcp", "type": "keep_alive"})
+        }
         Frame::Avl(p) => {
             let mut v = packet_json(p);
+            v.insert("protocol".into(), "teltonika".into());
             v.insert("transport".into(), "tcp".into());
             v.insert("type".into(), "avl".into());
             let ack = encode_ack(u32::try_from(p.records.len()).unwrap_or(u32::MAX));
@@ -220,6 +225,7 @@ fn frame_json(frame: &Frame) -> Value {
 
 fn udp_json(d: &trackgate_protocol::UdpDatagram) -> Value {
     let mut v = packet_json(&d.packet);
+    v.insert("protocol".into(), "teltonika".into());
     v.insert("transport".into(), "udp".into());
     v.insert("type".into(), "avl".into());
     v.insert("imei".into(), d.imei.as_str().into());
@@ -269,6 +275,7 @@ fn command_json(c: &Command) -> Value {
         _ => "other",
     };
     let mut v = json!({
+        "protocol": "teltonika",
         "transport": "tcp",
         "type": "command",
         "codec": c.codec.label(),
@@ -304,6 +311,7 @@ mod tests {
     fn wiki_codec8_to_redis_fields() {
         let v = decode_text(WIKI_8, How::default()).unwrap();
         assert_eq!(v["type"], "avl");
+        assert_eq!(v["protocol"], "teltonika");
         assert_eq!(v["codec"], "8");
         assert_eq!(v["ack_hex"], "00000001");
         let r = &v["records"][0];
@@ -331,6 +339,12 @@ mod tests {
         let v = decode_text(&text, How::default()).unwrap();
         let kinds: Vec<_> = v.as_array().unwrap().iter().map(|f| &f["type"]).collect();
         assert_eq!(kinds, ["login", "keep_alive", "avl"]);
+        assert!(
+            v.as_array()
+                .unwrap()
+                .iter()
+                .all(|f| f["protocol"] == "teltonika")
+        );
     }
 
     #[test]
