@@ -1,5 +1,6 @@
 //! Sans-io codecs for the Teltonika tracker protocol (the crate root) and the GT06 family
-//! ([`gt06`]).
+//! (Concox, Jimi IoT and clones: the [`gt06`] module, with its own frame decoder, packets,
+//! replies and Redis mapping; the two share [`Imei`] and [`Limits`]).
 //!
 //! What it is: the byte-level rules of a Teltonika device session, as plain functions and
 //! small state machines over [`bytes::BytesMut`]:
