@@ -20,7 +20,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Decode a Teltonika packet given as hex (argument or stdin) and print it as JSON.
+    /// Decode a Teltonika or GT06 packet given as hex (argument or stdin) and print it as JSON.
     Decode(decode::DecodeArgs),
     /// Simulate Teltonika devices against a listener; report rate and latency; verify Redis.
     Simulate(Box<simulate::SimulateArgs>),

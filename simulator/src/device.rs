@@ -11,6 +11,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
+use trackgate_protocol::gt06::{Gt06EncodeError, Gt06Error, UtcOffset};
 use trackgate_protocol::{
     AvlPacket, AvlRecord, Codec, EncodeError, Imei, encode_avl, encode_login,
 };
@@ -18,11 +19,30 @@ use trackgate_protocol::{
 use crate::stats::{AckedRecord, Stats, record_key};
 use crate::track::Track;
 
+mod gt06;
+
+/// The protocol a device speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    /// Teltonika: IMEI login, AVL frames of [`DeviceSettings::codec`], 4-byte acks.
+    #[default]
+    Teltonika,
+    /// GT06: `0x01` login, one `0x22` location per frame, `0x13` heartbeats; the device clock
+    /// runs at `utc_offset` from UTC. [`DeviceSettings::codec`] and `records_per_frame` do
+    /// not apply.
+    Gt06 {
+        /// Offset of the device clock from UTC.
+        utc_offset: UtcOffset,
+    },
+}
+
 // === Settings ===
 
 /// How every device of a run behaves.
 #[derive(Debug, Clone)]
 pub struct DeviceSettings {
+    /// The protocol (Teltonika by default).
+    pub protocol: Protocol,
     /// Codec of the AVL frames (8, 8E or 16).
     pub codec: Codec,
     /// Records per frame, 1..=255 (the record count is one byte on the wire).
@@ -48,6 +68,7 @@ pub struct DeviceSettings {
 impl Default for DeviceSettings {
     fn default() -> Self {
         Self {
+            protocol: Protocol::Teltonika,
             codec: Codec::Codec8Ext,
             records_per_frame: 1,
             frame_interval: Some(Duration::from_secs(1)),
@@ -102,6 +123,18 @@ pub enum SessionError {
     /// The packet could not be encoded (a simulator bug, never a server fault).
     #[error("encode: {0}")]
     Encode(#[from] EncodeError),
+    /// A GT06 packet could not be encoded (a simulator bug, never a server fault).
+    #[error("encode: {0}")]
+    EncodeGt06(#[from] Gt06EncodeError),
+    /// The GT06 server kept echoing another packet than the location sent.
+    #[error("reply does not echo the location with serial {expected}")]
+    WrongEcho {
+        /// The serial number of the location sent.
+        expected: u16,
+    },
+    /// A GT06 server reply that is not a valid frame.
+    #[error("bad reply: {0}")]
+    Reply(Gt06Error),
 }
 
 impl SessionError {
@@ -114,10 +147,11 @@ impl SessionError {
             SessionError::BadLoginReply(_) => "bad_login_reply",
             SessionError::LoginTimeout(_) => "login_timeout",
             SessionError::AckTimeout(_) => "ack_timeout",
-            SessionError::WrongAck { .. } => "wrong_ack",
+            SessionError::WrongAck { .. } | SessionError::WrongEcho { .. } => "wrong_ack",
             SessionError::Closed => "closed",
             SessionError::Io(_) => "io",
-            SessionError::Encode(_) => "encode",
+            SessionError::Encode(_) | SessionError::EncodeGt06(_) => "encode",
+            SessionError::Reply(_) => "bad_reply",
         }
     }
 }
@@ -263,6 +297,9 @@ impl Device {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
+        if let Protocol::Gt06 { utc_offset } = self.settings.protocol {
+            return self.run_gt06_session(io, stats, stop, utc_offset).await;
+        }
         self.logged_in = false;
         let (mut rd, mut wr) = tokio::io::split(io);
         let mut inbox = BytesMut::with_capacity(16);
