@@ -9,7 +9,7 @@
 //! `HashSet<String>` costs ~60), looked up by binary search (20 steps for a million), and
 //! rebuilt whole on reload, which a million-device fleet changes far less often than it logs in.
 
-use trackgate_protocol::Imei;
+use trackgate_protocol::{IMEI_LEN, Imei};
 
 /// A line of an IMEI list that is not an IMEI.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -26,16 +26,37 @@ pub struct ImeiLineError {
 /// # Errors
 /// The first line that is neither blank, a `#` comment nor a 15-digit IMEI.
 pub fn parse(text: &str, mut each: impl FnMut(Imei)) -> Result<(), ImeiLineError> {
+    parse_integers(text, |n| {
+        if let Some(imei) = Imei::from_u64(n) {
+            each(imei);
+        }
+    })
+}
+
+/// [`parse`] straight to the integer form: a plain loop over bytes, so that a million lines
+/// load in well under a second even in a debug build.
+fn parse_integers(text: &str, mut each: impl FnMut(u64)) -> Result<(), ImeiLineError> {
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let imei = Imei::parse(line).map_err(|_| ImeiLineError {
-            line: n + 1,
-            text: line.chars().take(40).collect(),
-        })?;
-        each(imei);
+        let bytes = line.as_bytes();
+        let mut value = 0u64;
+        let mut ok = bytes.len() == IMEI_LEN;
+        for &b in bytes {
+            ok &= b.is_ascii_digit();
+            value = value
+                .wrapping_mul(10)
+                .wrapping_add(u64::from(b.wrapping_sub(b'0')));
+        }
+        if !ok {
+            return Err(ImeiLineError {
+                line: n + 1,
+                text: line.chars().take(40).collect(),
+            });
+        }
+        each(value);
     }
     Ok(())
 }
@@ -100,7 +121,7 @@ impl ImeiSetBuilder {
     pub fn add_list(&mut self, text: &str) -> Result<(), ImeiLineError> {
         // ~16 bytes of text per line: reserving up front avoids regrowing a 1M-entry vector.
         self.imeis.reserve(text.len() / 16);
-        parse(text, |imei| self.imeis.push(imei.to_u64()))
+        parse_integers(text, |n| self.imeis.push(n))
     }
 
     /// Adds one IMEI.
@@ -143,6 +164,9 @@ mod tests {
         );
         let err = parse("35630704244101x\n", |_| {}).unwrap_err();
         assert_eq!(err.line, 1);
+        let mut b = ImeiSetBuilder::default();
+        let err = b.add_list("\n\n3563070424410133\n").unwrap_err();
+        assert_eq!(err.line, 3);
     }
 
     #[test]
