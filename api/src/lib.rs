@@ -17,8 +17,8 @@ pub mod shard_config;
 
 pub use pool::{
     Device, DeviceSource, Exposure, ExposureType, ExternalTrafficPolicy, ListenerPod, PortRange,
-    Protocol, RedisSpec, SecretKeyRef, ShardStatus, Sharding, TrackerPortPool, TrackerPortPoolSpec,
-    TrackerPortPoolStatus,
+    Protocol, RedisSpec, Scaling, SecretKeyRef, ShardStatus, Sharding, TrackerPortPool,
+    TrackerPortPoolSpec, TrackerPortPoolStatus,
 };
 pub use shard_config::{
     AdmissionMode, IdentificationMode, ListenerLimits, PortBinding, RedisSink, ShardConfig,
