@@ -164,6 +164,12 @@ async fn reconcile_shared(
         children.converge(ctx, ns, desired).await?;
     }
     let admitted = planned.as_ref().map(|(n, _)| *n);
+    if let Ok(n) = admitted {
+        ctx.metrics
+            .pool_devices
+            .with_label_values(&[&pool.name_any(), "allocated"])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
     let new = shared::status_for(pool, admitted, children.observed(), &Time(Timestamp::now()));
     if status::is_changed(pool, &new) {
         patch_status(ctx, ns, pool, &new).await?;
