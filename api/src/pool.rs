@@ -613,6 +613,22 @@ spec:
             Some(1.0)
         );
         assert_eq!(crd["spec"]["names"]["shortNames"][0], "tpp");
+        let columns: Vec<&str> = crd["spec"]["versions"][0]["additionalPrinterColumns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| c["jsonPath"].as_str())
+            .collect();
+        for path in [
+            ".status.devices",
+            ".status.replicasReady",
+            ".status.endpoint",
+        ] {
+            assert!(
+                columns.contains(&path),
+                "kubectl get tpp lacks {path}: {columns:?}"
+            );
+        }
         assert!(crd["spec"]["versions"][0]["subresources"]["status"].is_object());
     }
 }

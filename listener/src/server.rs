@@ -691,12 +691,13 @@ async fn load_devices_off_runtime(
     config: &ShardConfig,
     base: &std::path::Path,
 ) -> Result<Arc<ImeiSet>, StartError> {
-    let (config, base) = (config.clone(), base.to_owned());
+    let (config, dir) = (config.clone(), base.to_owned());
     let started = Instant::now();
-    let devices = tokio::task::spawn_blocking(move || config::load_devices(&config, &base))
+    let devices = tokio::task::spawn_blocking(move || config::load_devices(&config, &dir))
         .await
+        // NB: only a panic in the parser (a bug) or runtime shutdown gets here.
         .map_err(|err| StartError::ReadDevices {
-            path: PathBuf::new(),
+            path: base.to_owned(),
             source: std::io::Error::other(err.to_string()),
         })??;
     info!(devices = devices.len(), bytes = devices.heap_bytes(), took = ?started.elapsed(), "admitted devices loaded");
