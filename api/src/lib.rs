@@ -2,6 +2,7 @@
 //!
 //! - [`pool`]: the `TrackerPortPool` custom resource (spec, status, CEL rules).
 //! - [`conditions`]: condition types and reasons of the pool status.
+//! - [`imei_list`]: the `devicesFrom` IMEI list format and the compact set listeners admit from.
 //! - [`shard_config`]: the file the operator writes into each shard's ConfigMap and the
 //!   listener reads (and reloads) — the contract between control plane and data plane.
 //!
@@ -10,12 +11,15 @@
 #![warn(missing_docs)]
 
 pub mod conditions;
+pub mod imei_list;
 pub mod pool;
 pub mod shard_config;
 
 pub use pool::{
     Device, DeviceSource, Exposure, ExposureType, ExternalTrafficPolicy, ListenerPod, PortRange,
-    Protocol, RedisSpec, SecretKeyRef, ShardStatus, Sharding, TrackerPortPool, TrackerPortPoolSpec,
-    TrackerPortPoolStatus,
+    Protocol, RedisSpec, Scaling, SecretKeyRef, ShardStatus, Sharding, TrackerPortPool,
+    TrackerPortPoolSpec, TrackerPortPoolStatus,
 };
-pub use shard_config::{IdentificationMode, ListenerLimits, PortBinding, RedisSink, ShardConfig};
+pub use shard_config::{
+    AdmissionMode, IdentificationMode, ListenerLimits, PortBinding, RedisSink, ShardConfig,
+};

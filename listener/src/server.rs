@@ -21,10 +21,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
-use trackgate_api::ShardConfig;
+use trackgate_api::imei_list::ImeiSet;
+use trackgate_api::{IdentificationMode, ShardConfig};
 use trackgate_telemetry::{Health, Heartbeat};
 
-use crate::config::{self, ShardView};
+use crate::config::{self, FileStamp, ShardView};
 use crate::error::StartError;
 use crate::metrics::Metrics;
 use crate::session::{self, ShardContext};
@@ -175,7 +176,7 @@ impl Listener {
         let metrics = Metrics::register(registry)?;
         let mut configs = Vec::with_capacity(sources.len());
         for source in &sources {
-            configs.push(match source {
+            let (config, file) = match source {
                 ShardSource::File(path) => {
                     let (config, text) = config::load(path)?;
                     (config, Some((path.clone(), text)))
@@ -187,12 +188,25 @@ impl Listener {
                     })?;
                     (config.clone(), None)
                 }
-            });
+            };
+            let base = config::base_dir(file.as_ref().map(|(path, _)| path.as_path()));
+            let loaded = Instant::now();
+            let stamps = config::device_stamps(&config, &base);
+            let devices = Arc::new(config::load_devices(&config, &base)?);
+            if config.mode == IdentificationMode::Shared {
+                info!(pool = %config.pool, devices = devices.len(), bytes = devices.heap_bytes(),
+                    took = ?loaded.elapsed(), "admitted devices loaded");
+            }
+            configs.push((
+                config,
+                devices,
+                file.map(|(path, text)| (path, text, stamps)),
+            ));
         }
-        for (i, (a, _)) in configs.iter().enumerate() {
+        for (i, (a, _, _)) in configs.iter().enumerate() {
             if configs[..i]
                 .iter()
-                .any(|(b, _)| a.pool == b.pool && a.shard == b.shard)
+                .any(|(b, _, _)| a.pool == b.pool && a.shard == b.shard)
             {
                 return Err(StartError::Conflict(format!("{}/{}", a.pool, a.shard)));
             }
@@ -236,14 +250,21 @@ impl Listener {
             publisher: Some(publisher),
             shutdown_grace: env.options.shutdown_grace,
         };
-        for (config, file) in configs {
-            let shard = Shard::new(config.clone(), sink.clone(), &env, session_stop.clone());
-            if let Err(err) = shard.apply(config, &env).await {
+        for (config, devices, file) in configs {
+            let shard = Shard::new(
+                config.clone(),
+                Arc::clone(&devices),
+                sink.clone(),
+                &env,
+                session_stop.clone(),
+            );
+            if let Err(err) = shard.apply(config, devices, &env).await {
                 listener.abort();
                 return Err(err);
             }
-            if let Some((path, text)) = file {
-                tokio::spawn(watch_file(path, text, Arc::clone(&shard), Arc::clone(&env)));
+            if let Some((path, text, stamps)) = file {
+                let seen = Seen { text, stamps };
+                tokio::spawn(watch_file(path, seen, Arc::clone(&shard), Arc::clone(&env)));
             }
             listener.shards.push(shard);
         }
@@ -344,10 +365,16 @@ struct PortHandle {
 }
 
 impl Shard {
-    fn new(config: ShardConfig, sink: Sink, env: &Env, stop: CancellationToken) -> Arc<Self> {
+    fn new(
+        config: ShardConfig,
+        devices: Arc<ImeiSet>,
+        sink: Sink,
+        env: &Env,
+        stop: CancellationToken,
+    ) -> Arc<Self> {
         let limits = config.limits.clone();
         let index = config.shard;
-        let (view, view_rx) = watch::channel(Arc::new(ShardView::new(config.clone())));
+        let (view, view_rx) = watch::channel(Arc::new(ShardView::new(config.clone(), devices)));
         Arc::new(Self {
             index,
             ctx: Arc::new(ShardContext {
@@ -372,13 +399,14 @@ impl Shard {
     async fn apply(
         self: &Arc<Self>,
         config: ShardConfig,
+        devices: Arc<ImeiSet>,
         env: &Arc<Env>,
     ) -> Result<(), StartError> {
         if config.pool != self.ctx.pool || config.shard != self.index {
             warn!(pool = %config.pool, shard = config.shard, "a reload cannot rename the pool or shard; restart instead");
             return Ok(());
         }
-        let view = Arc::new(ShardView::new(config));
+        let view = Arc::new(ShardView::new(config, devices));
         self.view.send_replace(Arc::clone(&view));
         let wanted: BTreeMap<u16, ()> = view.ports().map(|p| (p, ())).collect();
         let udp = view.config.udp;
@@ -594,7 +622,14 @@ pub(crate) async fn stall(freeze: &mut watch::Receiver<bool>, stop: &Cancellatio
     }
 }
 
-async fn watch_file(path: PathBuf, mut last: String, shard: Arc<Shard>, env: Arc<Env>) {
+/// What the watcher last acted on: the config text and the stamps of its device files.
+struct Seen {
+    text: String,
+    stamps: Vec<Option<FileStamp>>,
+}
+
+async fn watch_file(path: PathBuf, mut seen: Seen, shard: Arc<Shard>, env: Arc<Env>) {
+    let base = config::base_dir(Some(&path));
     let mut tick = tokio::time::interval(env.options.reload_interval);
     loop {
         tokio::select! {
@@ -602,30 +637,71 @@ async fn watch_file(path: PathBuf, mut last: String, shard: Arc<Shard>, env: Arc
             _ = tick.tick() => {}
         }
         let text = match tokio::fs::read_to_string(&path).await {
-            Ok(text) if text != last => text,
-            Ok(_) => continue,
+            Ok(text) => text,
             Err(err) => {
                 warn!(path = %path.display(), %err, "shard config unreadable; keeping the current one");
                 continue;
             }
         };
-        match ShardConfig::from_json(&text) {
-            Ok(config) => {
-                info!(path = %path.display(), ports = config.ports.len(), "shard config changed: reloading");
-                let result = shard.apply(config, &env).await;
-                env.health.set_ready(PORTS_READY, result.is_ok());
-                // A port that could not be bound is retried on the next tick.
-                if result.is_ok() {
-                    last = text;
-                }
-            }
+        let current = Arc::clone(&shard.view.borrow());
+        if text == seen.text && config::device_stamps(&current.config, &base) == seen.stamps {
+            continue;
+        }
+        let config = match ShardConfig::from_json(&text) {
+            Ok(config) => config,
             Err(err) => {
                 // Remembered, so a broken file is logged once, not every second.
-                last = text;
+                seen.text = text;
                 warn!(path = %path.display(), %err, "invalid shard config; keeping the current one");
+                continue;
             }
+        };
+        // Stamps first: a file that changes while it is read is read again on the next tick.
+        let stamps = config::device_stamps(&config, &base);
+        let same_devices = stamps == seen.stamps
+            && config.mode == current.config.mode
+            && config.devices == current.config.devices
+            && config.device_files == current.config.device_files;
+        let devices = if same_devices {
+            Arc::clone(current.devices())
+        } else {
+            match load_devices_off_runtime(&config, &base).await {
+                Ok(devices) => devices,
+                Err(err) => {
+                    seen = Seen { text, stamps };
+                    warn!(%err, "device list unusable; keeping the current devices and config");
+                    continue;
+                }
+            }
+        };
+        info!(path = %path.display(), ports = config.ports.len(), devices = devices.len(),
+            "shard config or device list changed: reloading");
+        let result = shard.apply(config, devices, &env).await;
+        env.health.set_ready(PORTS_READY, result.is_ok());
+        // A port that could not be bound is retried on the next tick.
+        if result.is_ok() {
+            seen = Seen { text, stamps };
         }
     }
+}
+
+/// A million-line device list takes a moment to parse: off the async workers, so sessions
+/// keep being served meanwhile.
+async fn load_devices_off_runtime(
+    config: &ShardConfig,
+    base: &std::path::Path,
+) -> Result<Arc<ImeiSet>, StartError> {
+    let (config, dir) = (config.clone(), base.to_owned());
+    let started = Instant::now();
+    let devices = tokio::task::spawn_blocking(move || config::load_devices(&config, &dir))
+        .await
+        // NB: only a panic in the parser (a bug) or runtime shutdown gets here.
+        .map_err(|err| StartError::ReadDevices {
+            path: base.to_owned(),
+            source: std::io::Error::other(err.to_string()),
+        })??;
+    info!(devices = devices.len(), bytes = devices.heap_bytes(), took = ?started.elapsed(), "admitted devices loaded");
+    Ok(Arc::new(devices))
 }
 
 // === Accept rate ===

@@ -155,7 +155,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 () = self.ctx.stop.cancelled() => return Err(CloseReason::Shutdown),
             }
         };
-        let admission = self.view.borrow().admit(self.port, imei.as_str());
+        let admission = self.view.borrow().admit(self.port, &imei);
         self.count_login(admission.label());
         self.event(Event::Login {
             imei: imei.as_str(),
@@ -228,7 +228,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     if changed.is_err() {
                         return CloseReason::Shutdown;
                     }
-                    let admission = self.view.borrow_and_update().admit(self.port, imei.as_str());
+                    let admission = self.view.borrow_and_update().admit(self.port, imei);
                     if admission != Admission::Accepted {
                         info!(result = admission.label(), "device or port removed from the config");
                         return CloseReason::ConfigRemoved;
@@ -430,7 +430,7 @@ mod tests {
         ))
         .unwrap();
         // The sender stays with the test: a session reads a closed view channel as shutdown.
-        let (tx, view) = watch::channel(Arc::new(ShardView::new(config)));
+        let (tx, view) = watch::channel(Arc::new(ShardView::new(config, Arc::default())));
         let ctx = Arc::new(ShardContext {
             pool: "p".into(),
             shard: "0".into(),

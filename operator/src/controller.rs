@@ -45,13 +45,14 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 use tracing::{Instrument, info, info_span, warn};
-use trackgate_api::TrackerPortPool;
 use trackgate_api::conditions::reasons;
+use trackgate_api::{IdentificationMode, TrackerPortPool};
 
 use crate::allocate::{self, ALLOCATION_TABLE_FILE, Allocation, Layout, Previous, Unallocated};
 use crate::desired::{self, Desired, FIELD_MANAGER, POOL_LABEL, SpecError};
 use crate::error::Error;
 use crate::metrics::{CONTROLLER, Metrics};
+use crate::shared;
 use crate::status::{self, Observed, Outcome};
 
 /// How often a healthy pool is looked at again with no event (drift repair).
@@ -109,6 +110,10 @@ pub async fn reconcile(pool: Arc<TrackerPortPool>, ctx: Arc<Context>) -> Result<
     async {
         let children = Children::fetch(&ctx.client, &ns, &pool).await?;
         let sources = fetch_sources(&ctx.client, &ns, &pool).await?;
+        // Shared pools (issue 10): one Deployment and Service for the whole fleet, no allocation.
+        if pool.spec.mode == IdentificationMode::Shared {
+            return reconcile_shared(&pool, &ctx, &ns, &children, &sources).await;
+        }
         let previous = children.previous();
         let planned = plan(&pool, &sources, &previous, &ctx.image);
         let outcome = match &planned {
@@ -143,6 +148,55 @@ pub async fn reconcile(pool: Arc<TrackerPortPool>, ctx: Arc<Context>) -> Result<
     .instrument(span)
     .await
     .inspect(|_| reset_failures(&ctx, &pool))
+}
+
+/// The shared-pool reconcile: plan (pure), apply what differs, write the status if changed.
+async fn reconcile_shared(
+    pool: &TrackerPortPool,
+    ctx: &Context,
+    ns: &str,
+    children: &Children,
+    sources: &BTreeMap<(String, String), String>,
+) -> Result<Action, Error> {
+    let live = shared::live_replicas(pool, &children.deployments);
+    let planned = shared::plan(pool, sources, live, &ctx.image);
+    if let Ok((_, desired)) = &planned {
+        children.converge(ctx, ns, desired).await?;
+    }
+    let admitted = planned.as_ref().map(|(n, _)| *n);
+    if let Ok(n) = admitted {
+        ctx.metrics
+            .pool_devices
+            .with_label_values(&[&pool.name_any(), "allocated"])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    let new = shared::status_for(pool, admitted, children.observed(), &Time(Timestamp::now()));
+    if status::is_changed(pool, &new) {
+        patch_status(ctx, ns, pool, &new).await?;
+    }
+    Ok(match planned {
+        Ok(_) => Action::requeue(RESYNC),
+        Err(_) => Action::await_change(),
+    })
+}
+
+/// Writes the status by server-side apply, so a field no longer set is removed.
+async fn patch_status(
+    ctx: &Context,
+    ns: &str,
+    pool: &TrackerPortPool,
+    new: &trackgate_api::TrackerPortPoolStatus,
+) -> Result<(), Error> {
+    let api: Api<TrackerPortPool> = Api::namespaced(ctx.client.clone(), ns);
+    let patch = Patch::Apply(json!({
+        "apiVersion": TrackerPortPool::api_version(&()),
+        "kind": TrackerPortPool::kind(&()),
+        "status": new,
+    }));
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    api.patch_status(&pool.name_any(), &params, &patch).await?;
+    ctx.metrics.writes.with_label_values(&["status"]).inc();
+    Ok(())
 }
 
 /// Retries a failed reconcile with per-pool exponential backoff and jitter.

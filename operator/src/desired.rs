@@ -315,7 +315,7 @@ pub fn desired_objects(
     Ok(out)
 }
 
-fn meta(
+pub(crate) fn meta(
     pool: &str,
     namespace: Option<String>,
     index: u32,
@@ -341,7 +341,7 @@ fn meta(
 }
 
 /// Builds a typed object from metadata and a JSON body, stamping the content hash.
-fn typed<K: serde::de::DeserializeOwned + Resource<DynamicType = ()>>(
+pub(crate) fn typed<K: serde::de::DeserializeOwned + Resource<DynamicType = ()>>(
     metadata: ObjectMeta,
     body: serde_json::Value,
 ) -> Result<K, SpecError> {
@@ -357,7 +357,7 @@ fn typed<K: serde::de::DeserializeOwned + Resource<DynamicType = ()>>(
 }
 
 /// Writes the content hash (content + metadata) into the annotations.
-fn stamp(meta: &mut ObjectMeta, content: &impl Serialize) {
+pub(crate) fn stamp(meta: &mut ObjectMeta, content: &impl Serialize) {
     let mut h = DefaultHasher::new();
     serde_json::to_string(content)
         .unwrap_or_default()
@@ -384,7 +384,7 @@ pub fn applied_hash(meta: &ObjectMeta) -> Option<&str> {
         .map(String::as_str)
 }
 
-fn deployment(
+pub(crate) fn deployment(
     meta: ObjectMeta,
     spec: &TrackerPortPoolSpec,
     pool: &str,
@@ -490,7 +490,7 @@ fn deployment(
     )
 }
 
-fn service(
+pub(crate) fn service(
     meta: ObjectMeta,
     spec: &TrackerPortPoolSpec,
     pool: &str,

@@ -237,7 +237,7 @@ fn shard_status(
 }
 
 /// Builds the conditions, keeping `lastTransitionTime` of those whose status did not change.
-fn merge_conditions(
+pub(crate) fn merge_conditions(
     old: &[Condition],
     new: Vec<(&'static str, bool, &'static str, String)>,
     generation: Option<i64>,
