@@ -4,6 +4,7 @@
 //! - [`conditions`]: condition types and reasons of the pool status.
 //! - [`shard_config`]: the file the operator writes into each shard's ConfigMap and the
 //!   listener reads (and reloads) — the contract between control plane and data plane.
+//! - [`redis_layout`]: Redis key names and fields (this branch: the command keys).
 //!
 //! This crate does no IO: no sockets, no files, no Kubernetes client. `kube` may appear here
 //! only with its `derive` feature, for the `TrackerPortPool` custom resource.
@@ -11,6 +12,7 @@
 
 pub mod conditions;
 pub mod pool;
+pub mod redis_layout;
 pub mod shard_config;
 
 pub use pool::{

@@ -103,6 +103,11 @@ impl ShardView {
         }
     }
 
+    /// Every device this version admits.
+    pub(crate) fn imeis(&self) -> &HashSet<String> {
+        &self.imeis
+    }
+
     pub(crate) fn ports(&self) -> impl Iterator<Item = u16> + '_ {
         self.port_owner.keys().copied()
     }

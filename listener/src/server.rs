@@ -24,6 +24,7 @@ use tracing::{info, warn};
 use trackgate_api::ShardConfig;
 use trackgate_telemetry::{Health, Heartbeat};
 
+use crate::command::{CommandOptions, Commands};
 use crate::config::{self, ShardView};
 use crate::error::StartError;
 use crate::metrics::Metrics;
@@ -66,6 +67,10 @@ pub struct ListenerOptions {
     pub dedup_ttl: Duration,
     /// `/livez` fails when an accept loop, the publisher or the runtime is silent this long.
     pub liveness_max_silence: Duration,
+    /// How long a device has to answer a command before it is `failed: timeout` and the
+    /// device's next command goes out. Teltonika devices answer within seconds; a minute
+    /// leaves room for a slow link without holding a device's queue for long.
+    pub command_response_timeout: Duration,
 }
 
 impl Default for ListenerOptions {
@@ -82,6 +87,7 @@ impl Default for ListenerOptions {
             dedup_records: 128,
             dedup_ttl: Duration::from_secs(7 * 24 * 3600),
             liveness_max_silence: Duration::from_secs(15),
+            command_response_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -214,6 +220,17 @@ impl Listener {
             &health,
             publisher_stop.clone(),
         )?;
+        let commands = Commands::start(
+            CommandOptions {
+                redis_url: options.redis_url.clone(),
+                redis_timeout: options.redis_timeout,
+                owner: lease_owner(&options.pod_name),
+                response_timeout: options.command_response_timeout,
+            },
+            metrics.clone(),
+            publisher_stop.clone(),
+        )
+        .map_err(StartError::RedisUrl)?;
         let env = Arc::new(Env {
             health: health.clone(),
             metrics: metrics.clone(),
@@ -237,7 +254,13 @@ impl Listener {
             shutdown_grace: env.options.shutdown_grace,
         };
         for (config, file) in configs {
-            let shard = Shard::new(config.clone(), sink.clone(), &env, session_stop.clone());
+            let shard = Shard::new(
+                config.clone(),
+                sink.clone(),
+                commands.clone(),
+                &env,
+                session_stop.clone(),
+            );
             if let Err(err) = shard.apply(config, &env).await {
                 listener.abort();
                 return Err(err);
@@ -316,6 +339,16 @@ impl Drop for Listener {
     }
 }
 
+/// This process's name in device leases and as the command-stream consumer: the pod name and
+/// the start time, so a restarted container (same pod name) is a new owner.
+fn lease_owner(pod: &str) -> String {
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{pod}-{started:x}")
+}
+
 async fn runtime_heartbeat(heartbeat: Arc<Heartbeat>, stop: CancellationToken) {
     // A timer task on the shared runtime: it goes stale when no worker can run tasks.
     while tokio::time::timeout(BEAT_EVERY, stop.cancelled())
@@ -335,6 +368,9 @@ struct Shard {
     ports: Mutex<BTreeMap<u16, PortHandle>>,
     connections: Arc<Semaphore>,
     rate: Mutex<TokenBucket>,
+    /// Whether the shard's devices were handed to the command side once (all of them then,
+    /// the differences on reload).
+    members_registered: std::sync::atomic::AtomicBool,
 }
 
 struct PortHandle {
@@ -344,7 +380,13 @@ struct PortHandle {
 }
 
 impl Shard {
-    fn new(config: ShardConfig, sink: Sink, env: &Env, stop: CancellationToken) -> Arc<Self> {
+    fn new(
+        config: ShardConfig,
+        sink: Sink,
+        commands: Commands,
+        env: &Env,
+        stop: CancellationToken,
+    ) -> Arc<Self> {
         let limits = config.limits.clone();
         let index = config.shard;
         let (view, view_rx) = watch::channel(Arc::new(ShardView::new(config.clone())));
@@ -355,6 +397,7 @@ impl Shard {
                 shard: index.to_string(),
                 view: view_rx,
                 sink,
+                commands: Some(commands),
                 metrics: env.metrics.clone(),
                 stop,
                 publish_retry_for: env.options.publish_retry_for,
@@ -364,6 +407,7 @@ impl Shard {
             // NB: sized once at start; a reload that changes maxConnections applies on restart.
             connections: Arc::new(Semaphore::new(limits.max_connections as usize)),
             rate: Mutex::new(TokenBucket::new(limits.accept_rate_per_second)),
+            members_registered: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -379,7 +423,26 @@ impl Shard {
             return Ok(());
         }
         let view = Arc::new(ShardView::new(config));
-        self.view.send_replace(Arc::clone(&view));
+        let old = self.view.send_replace(Arc::clone(&view));
+        if let Some(commands) = &self.ctx.commands {
+            // The first apply registers every device; later ones the difference.
+            let first = !self
+                .members_registered
+                .swap(true, std::sync::atomic::Ordering::Relaxed);
+            let added = view
+                .imeis()
+                .iter()
+                .filter(|i| first || !old.imeis().contains(*i))
+                .cloned()
+                .collect();
+            let removed = old
+                .imeis()
+                .iter()
+                .filter(|i| !view.imeis().contains(*i))
+                .cloned()
+                .collect();
+            commands.serve_shard(&view.keys.commands, self.index, added, removed);
+        }
         let wanted: BTreeMap<u16, ()> = view.ports().map(|p| (p, ())).collect();
         let udp = view.config.udp;
         let mut to_bind = Vec::new();
