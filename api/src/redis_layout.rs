@@ -61,7 +61,14 @@ pub fn command_ready_channel(prefix: &str, pool: &str) -> String {
     format!("{prefix}:{{{pool}}}:cmdready")
 }
 
-/// The consumer group of the command stream (one per pool: every listener of the pool joins).
+/// `<prefix>:{<pool>}:cmdrouter`: the routing lease, a string holding the listener that routes
+/// the pool's commands now. One router per pool keeps each device's commands in stream order.
+pub fn command_router_key(prefix: &str, pool: &str) -> String {
+    format!("{prefix}:{{{pool}}}:cmdrouter")
+}
+
+/// The consumer group of the command stream (one per pool; its consumer is the router of the
+/// moment, and a new router claims what the last one left unrouted).
 pub const COMMANDS_GROUP: &str = "trackgate-router";
 
 /// A command's time to live when its entry gives none.
@@ -206,6 +213,7 @@ mod tests {
             "tg:{fleet}:cmddeadlines"
         );
         assert_eq!(pool_members_key("tg", "fleet"), "tg:{fleet}:members");
+        assert_eq!(command_router_key("tg", "fleet"), "tg:{fleet}:cmdrouter");
         assert_eq!(command_ready_channel("tg", "fleet"), "tg:{fleet}:cmdready");
     }
 

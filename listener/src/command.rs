@@ -28,7 +28,7 @@ use trackgate_api::redis_layout::{CommandReason, CommandStatus};
 use trackgate_protocol::{Codec, Command, Imei, encode_command};
 
 use crate::command_store::{
-    CommandStore, Outcome, PoolKeys, QueuedCommand, Router, Swept, Taken, parse_entry,
+    CommandStore, Outcome, PoolKeys, QueuedCommand, ROUTER_LEASE, Router, Swept, Taken, parse_entry,
 };
 use crate::metrics::Metrics;
 
@@ -39,8 +39,6 @@ const WRITE_LEASE: Duration = Duration::from_secs(10);
 const RETRY_AFTER: Duration = Duration::from_millis(500);
 /// How often each listener sweeps its pools (expiry, abandoned leases, the depth gauge).
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
-/// How often the router claims entries left by a dead consumer.
-const CLAIM_EVERY: Duration = Duration::from_secs(10);
 /// Messages a driver holds: kicks are idempotent and dropped when full; more replies than
 /// this while one Redis call runs are not answers to one command anyway.
 const DRIVER_INBOX: usize = 8;
@@ -240,7 +238,8 @@ impl Commands {
         };
         let (tx, rx) = mpsc::channel(DRIVER_INBOX);
         slot.driver = Some(tx);
-        let span = info_span!("command_driver", pool = %keys.pool, imei = imei.as_str());
+        let span =
+            info_span!(parent: None, "command_driver", pool = %keys.pool, imei = imei.as_str());
         tokio::spawn(
             Driver {
                 commands: self.clone(),
@@ -407,9 +406,10 @@ impl Commands {
             store: inner.store.clone(),
             keys: (*keys).clone(),
             consumer: inner.options.owner.clone(),
+            lead: crate::command_store::lead_script(),
         };
         let mut grouped = false;
-        let mut last_claim: Option<Instant> = None;
+        let mut leading = false;
         while !inner.stop.is_cancelled() {
             if !grouped {
                 if let Err(err) = router.ensure_group().await {
@@ -421,20 +421,36 @@ impl Commands {
                 }
                 grouped = true;
             }
-            let claim_due = last_claim.is_none_or(|t| t.elapsed() >= CLAIM_EVERY);
-            let read = if claim_due {
-                last_claim = Some(Instant::now());
-                router.claim().await
-            } else {
+            // Renewed every read (a read blocks at most a second, a fifth of the lease).
+            let was_leading = leading;
+            leading = match router.lead().await {
+                Ok(held) => held,
+                Err(err) => {
+                    warn!(pool = %keys.pool, %err, "renewing the command router lease");
+                    false
+                }
+            };
+            if !leading {
+                if self.pause(ROUTER_LEASE / 5).await {
+                    break;
+                }
+                continue;
+            }
+            let read = if was_leading {
                 tokio::select! {
                     () = inner.stop.cancelled() => break,
                     read = router.read() => read,
                 }
+            } else {
+                debug!(pool = %keys.pool, "routing the pool's commands");
+                router.claim().await
             };
             let entries = match read {
                 Ok(entries) => entries,
                 Err(err) => {
                     grouped = !Router::is_missing_group(&err);
+                    // Claim again on the next round: the failed read may have delivered.
+                    leading = false;
                     warn!(pool = %keys.pool, %err, "reading the command stream");
                     if self.pause(RETRY_AFTER).await {
                         break;
@@ -444,7 +460,7 @@ impl Commands {
             };
             for entry in entries {
                 let routed = parse_entry(&entry.id, &entry.map);
-                // A failed ROUTE leaves the entry pending: it is claimed and routed again.
+                // A failed ROUTE leaves the entry pending: the next router claims it.
                 match router.store.route(&keys, &entry.id, &routed).await {
                     Ok(Some(status)) => {
                         let reason = routed.reject.or(Some(CommandReason::UnknownImei));
@@ -453,7 +469,9 @@ impl Commands {
                     }
                     Ok(None) => debug!(id = %routed.id, "command id seen before: ignored"),
                     Err(err) => {
-                        warn!(pool = %keys.pool, id = %routed.id, %err, "routing a command")
+                        warn!(pool = %keys.pool, id = %routed.id, %err, "routing a command");
+                        leading = false;
+                        break;
                     }
                 }
             }

@@ -222,13 +222,28 @@ end
 return n
 ";
 
+const LEAD: &str = r"
+-- KEYS: router lease. ARGV: owner, lease ms. Takes or renews the lease; 1 when held.
+local holder = redis.call('GET', KEYS[1])
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+";
+
+/// How long the router lease lasts without renewal: a dead router's pool is routed again by
+/// another listener within this time.
+pub(crate) const ROUTER_LEASE: Duration = Duration::from_secs(5);
+
 /// IMEIs per `HSET` when registering a shard's devices.
 const MEMBERS_CHUNK: usize = 1000;
 /// Entries per router read and per sweep.
 const BATCH: usize = 100;
-/// A router entry delivered to a consumer that has not acked it for this long is taken over
-/// by another (its listener died between the read and the ROUTE).
-const CLAIM_IDLE: Duration = Duration::from_secs(30);
 /// How long a blocking router read waits for new entries.
 const ROUTER_BLOCK: Duration = Duration::from_secs(1);
 
@@ -244,6 +259,7 @@ pub(crate) struct PoolKeys {
     responses: String,
     deadlines: String,
     members: String,
+    router: String,
     pub(crate) channel: String,
     max_len: u64,
 }
@@ -258,6 +274,7 @@ impl PoolKeys {
             responses: layout::command_responses_key(prefix, pool),
             deadlines: layout::command_deadlines_key(prefix, pool),
             members: layout::pool_members_key(prefix, pool),
+            router: layout::command_router_key(prefix, pool),
             channel: layout::command_ready_channel(prefix, pool),
             max_len: max_len.max(1000),
         }
@@ -457,6 +474,10 @@ struct Scripts {
     sweep: Script,
     release: Script,
     members_remove: Script,
+}
+
+pub(crate) fn lead_script() -> Script {
+    Script::new(LEAD)
 }
 
 pub(crate) fn connection_config(timeout: Duration) -> ConnectionManagerConfig {
@@ -723,14 +744,17 @@ impl CommandStore {
 
 // === Router ===
 
-/// Reads the pool's command stream as one consumer of [`COMMANDS_GROUP`] on its own (blocking)
-/// connection and routes every entry; entries another consumer read but never routed (its
-/// listener died) are claimed after [`CLAIM_IDLE`].
+/// Reads the pool's command stream as the one consumer of [`COMMANDS_GROUP`], on its own
+/// (blocking) connection, while it holds the pool's router lease.
+///
+/// NB: one router per pool, not every listener in the group: two consumers would route two
+/// commands of one device concurrently, and the device could get them out of order.
 pub(crate) struct Router {
     pub(crate) conn: ConnectionManager,
     pub(crate) store: CommandStore,
     pub(crate) keys: PoolKeys,
     pub(crate) consumer: String,
+    pub(crate) lead: Script,
 }
 
 impl Router {
@@ -747,20 +771,41 @@ impl Router {
         }
     }
 
-    /// Entries of consumers silent for [`CLAIM_IDLE`].
-    pub(crate) async fn claim(&mut self) -> RedisResult<Vec<StreamId>> {
-        let reply: StreamAutoClaimReply = self
-            .conn
-            .xautoclaim_options(
-                &self.keys.commands,
-                COMMANDS_GROUP,
-                &self.consumer,
-                u64::try_from(CLAIM_IDLE.as_millis()).unwrap_or(u64::MAX),
-                "0-0",
-                StreamAutoClaimOptions::default().count(BATCH),
-            )
+    /// Takes or renews the router lease; `true` while this listener routes the pool.
+    pub(crate) async fn lead(&mut self) -> RedisResult<bool> {
+        let held: i64 = self
+            .lead
+            .key(&self.keys.router)
+            .arg(&self.consumer)
+            .arg(u64::try_from(ROUTER_LEASE.as_millis()).unwrap_or(u64::MAX))
+            .invoke_async(&mut self.conn)
             .await?;
-        Ok(reply.claimed)
+        Ok(held == 1)
+    }
+
+    /// Entries read by an earlier router and never routed (it died between the read and the
+    /// ROUTE), oldest first; routing one twice is harmless (ROUTE ignores a known id).
+    pub(crate) async fn claim(&mut self) -> RedisResult<Vec<StreamId>> {
+        let mut all = Vec::new();
+        let mut start = "0-0".to_owned();
+        loop {
+            let reply: StreamAutoClaimReply = self
+                .conn
+                .xautoclaim_options(
+                    &self.keys.commands,
+                    COMMANDS_GROUP,
+                    &self.consumer,
+                    0,
+                    &start,
+                    StreamAutoClaimOptions::default().count(BATCH),
+                )
+                .await?;
+            all.extend(reply.claimed);
+            if reply.next_stream_id == "0-0" || all.len() > 100 * BATCH {
+                return Ok(all);
+            }
+            start = reply.next_stream_id;
+        }
     }
 
     /// New entries (waits up to [`ROUTER_BLOCK`]).

@@ -41,7 +41,10 @@ use trackgate_telemetry::Health;
 pub use config::load as load_shard_config;
 pub use error::{CloseReason, PublishError, StartError};
 pub use metrics::{METRIC_NAMES, Metrics};
-pub use server::{BoundPort, DEFAULT_REDIS_URL, Listener, ListenerOptions, ShardSource};
+pub use server::{
+    BoundPort, COMMAND_RESPONSE_TIMEOUT_ENV, DEFAULT_REDIS_URL, Listener, ListenerOptions,
+    ShardSource,
+};
 pub use sink::MAX_BATCH_CALLS;
 
 /// `trackgate listen`: sets up logging, then [`serve`]s one shard config file.

@@ -92,12 +92,15 @@ impl Default for ListenerOptions {
     }
 }
 
+/// Overrides [`ListenerOptions::command_response_timeout`], in milliseconds.
+pub const COMMAND_RESPONSE_TIMEOUT_ENV: &str = "TRACKGATE_COMMAND_RESPONSE_TIMEOUT_MS";
+
 /// Redis URL used when `TRACKGATE_REDIS_URL` is unset.
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/";
 
 impl ListenerOptions {
-    /// Defaults, with `redis_url` from `TRACKGATE_REDIS_URL` and `pod_name` from `POD_NAME`
-    /// (or `HOSTNAME`). Returns whether the Redis URL came from the environment.
+    /// Defaults, with `redis_url` from `TRACKGATE_REDIS_URL`, `pod_name` from `POD_NAME`
+    /// (or `HOSTNAME`) and the command response timeout from [`COMMAND_RESPONSE_TIMEOUT_ENV`]. Returns whether the Redis URL came from the environment.
     pub fn from_env() -> (Self, bool) {
         let mut options = Self::default();
         let from_env = match std::env::var(trackgate_api::shard_config::REDIS_URL_ENV) {
@@ -112,6 +115,13 @@ impl ListenerOptions {
             .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
         {
             options.pod_name = pod;
+        }
+        if let Some(ms) = std::env::var(COMMAND_RESPONSE_TIMEOUT_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|ms| *ms > 0)
+        {
+            options.command_response_timeout = Duration::from_millis(ms);
         }
         (options, from_env)
     }
