@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod command;
 mod decode;
 mod run;
 mod simulate;
@@ -46,6 +47,9 @@ enum Command {
     },
     /// Print the TrackerPortPool CustomResourceDefinition as YAML.
     Crd,
+    /// Send a command to a device of a pool through Redis and wait for its answer (printed);
+    /// exit 1 when it fails or expires.
+    Command(Box<command::CommandArgs>),
     /// Run a whole TrackerPortPool on this machine, no cluster: allocate its ports as the
     /// operator would, write the shard configs to a state directory and serve every shard.
     Run(run::RunArgs),
@@ -78,6 +82,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             .block_on(trackgate_operator::run(admin_addr))
             .map_err(Into::into),
         Command::Run(args) => run::run(args),
+        Command::Command(args) => command::run(*args),
         Command::Crd => print_stdout(&trackgate_operator::crd_yaml()),
     }
 }

@@ -786,3 +786,53 @@ async fn a_listener_killed_with_commands_queued_loses_and_repeats_none() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// `trackgate command` sends through Redis and prints the device's answer (exit 0); a command
+/// that fails exits 1 with its status and reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_prints_the_answer_or_fails_with_the_status() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let port = free_port();
+    let _listener = listener(&redis, shared(port)).await;
+    let mut device = Device::connect(addr(port), IMEI).await;
+    let cli = |imei: &str| {
+        let mut cmd = tokio::process::Command::new(trackgate_binary());
+        cmd.args([
+            "command",
+            "--redis-url",
+            &redis.url(),
+            "--pool",
+            POOL,
+            "--imei",
+            imei,
+        ])
+        .args(["--codec", "14", "--wait-seconds", "10", "getver"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::piped());
+        cmd.output()
+    };
+    let answered = tokio::spawn(cli(IMEI));
+    let command = device.command(WAIT).await.expect("the CLI's command");
+    assert_eq!(
+        (command.codec, text(&command).as_str()),
+        (Codec::Codec14, "getver")
+    );
+    device.answer(&command, "Ver:03.28.07_00").await;
+    let out = answered.await.unwrap().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "Ver:03.28.07_00"
+    );
+
+    let out = cli("111111111111111").await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("failed: unknown_imei"), "{stderr}");
+}
