@@ -16,6 +16,7 @@
 //!                  └──▶ LoadOutcome { LoadReport, AckedLog } ──▶ verify(StreamLayout) ──▶ Verification
 //! ```
 
+pub mod commands;
 mod device;
 mod load;
 mod report;

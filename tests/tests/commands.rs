@@ -836,3 +836,66 @@ async fn the_cli_prints_the_answer_or_fails_with_the_status() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("failed: unknown_imei"), "{stderr}");
 }
+
+/// A simulated device answers commands the way a real one does while it keeps sending data:
+/// `getver` (Codec 12) and `setdigout` (Codec 14) come back answered, records keep being acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_simulated_device_answers_between_its_data_frames() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let port = free_port();
+    let _listener = listener(&redis, shared(port)).await;
+    let mut conn = redis_conn(&redis).await;
+    let settings = std::sync::Arc::new(trackgate_simulator::DeviceSettings {
+        frame_interval: Some(Duration::from_millis(50)),
+        ..trackgate_simulator::DeviceSettings::default()
+    });
+    let mut device = trackgate_simulator::Device::new(
+        Imei::parse(IMEI).unwrap(),
+        0,
+        1,
+        1_764_000_000_000,
+        u64::MAX,
+        settings,
+        Instant::now(),
+    );
+    let stats = std::sync::Arc::new(trackgate_simulator::Stats::new());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let session = {
+        let (stats, stop) = (stats.clone(), stop.clone());
+        tokio::spawn(async move {
+            let stream = TcpStream::connect(addr(port)).await.unwrap();
+            device.run_session(stream, &stats, &stop).await
+        })
+    };
+    send(
+        &mut conn,
+        &[("id", "ver"), ("imei", IMEI), ("command", "getver")],
+    )
+    .await;
+    send(
+        &mut conn,
+        &[
+            ("id", "dout"),
+            ("imei", IMEI),
+            ("command", "setdigout 1"),
+            ("codec", "14"),
+        ],
+    )
+    .await;
+    let ver = final_status(&mut conn, "ver", WAIT).await;
+    assert_eq!(statuses(&ver), ["queued", "sent", "answered"]);
+    assert!(
+        ver[2]["answer"].contains(&format!("IMEI:{IMEI}")),
+        "{ver:?}"
+    );
+    let dout = final_status(&mut conn, "dout", WAIT).await;
+    assert_eq!(dout[2]["answer"], "DOUT1:1 Timeout:INFINITY");
+    let acked = stats.records_acked();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(stats.records_acked() > acked, "records stopped being acked");
+    stop.cancel();
+    session.await.unwrap().unwrap();
+    assert_eq!(stats.report_counts().wrong_acks, 0);
+}
