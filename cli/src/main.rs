@@ -16,11 +16,11 @@ mod simulate;
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Role,
 }
 
 #[derive(Subcommand)]
-enum Command {
+enum Role {
     /// Decode a Teltonika packet given as hex (argument or stdin) and print it as JSON.
     Decode(decode::DecodeArgs),
     /// Simulate Teltonika devices against a listener; report rate and latency; verify Redis.
@@ -69,21 +69,21 @@ fn main() -> std::process::ExitCode {
 
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Decode(args) => decode::run(args),
-        Command::Simulate(args) => simulate::run_simulate(*args),
-        Command::Listen {
+        Role::Decode(args) => decode::run(args),
+        Role::Simulate(args) => simulate::run_simulate(*args),
+        Role::Listen {
             config,
             admin_addr,
             bind,
         } => tokio::runtime::Runtime::new()?
             .block_on(trackgate_listener::run(config, admin_addr, bind))
             .map_err(Into::into),
-        Command::Operator { admin_addr } => tokio::runtime::Runtime::new()?
+        Role::Operator { admin_addr } => tokio::runtime::Runtime::new()?
             .block_on(trackgate_operator::run(admin_addr))
             .map_err(Into::into),
-        Command::Run(args) => run::run(args),
-        Command::Command(args) => command::run(*args),
-        Command::Crd => print_stdout(&trackgate_operator::crd_yaml()),
+        Role::Run(args) => run::run(args),
+        Role::Command(args) => command::run(*args),
+        Role::Crd => print_stdout(&trackgate_operator::crd_yaml()),
     }
 }
 
