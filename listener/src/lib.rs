@@ -15,12 +15,11 @@
 //! protocol parsing (that is `trackgate-protocol`), no Kubernetes client.
 //!
 //! Module map: `server` (accept loops, limits, reload, shutdown), `session` (one device),
-//! `udp`, `sink` (the data path's Redis), `command` and `command_store` (commands to devices,
-//! with their own Redis connection), `config`, `metrics`, [`keys`].
+//! `udp`, `sink` (the data path's Redis), `command` (commands to devices, with their own Redis
+//! connections), `config`, `metrics`, [`keys`].
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod command;
-mod command_store;
 mod config;
 mod error;
 pub mod keys;

@@ -1,4 +1,4 @@
-//! The Redis Streams publisher — with `command_store` (the command path's own connection),
+//! The Redis Streams publisher — with `command::store` (the command path's own connections),
 //! the only module that knows Redis.
 //!
 //! ```text
@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use trackgate_protocol::{AvlRecord, Codec, Imei};
 use trackgate_telemetry::{Health, Heartbeat};
 
-use crate::command_store::PoolKeys;
+use crate::command::PoolKeys;
 use crate::error::{PublishError, StartError};
 use crate::keys;
 use crate::metrics::Metrics;

@@ -19,7 +19,6 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -27,10 +26,19 @@ use tracing::{Instrument, debug, info_span, warn};
 use trackgate_api::redis_layout::{CommandReason, CommandStatus};
 use trackgate_protocol::{Codec, Command, Imei, encode_command};
 
-use crate::command_store::{
-    CommandStore, Outcome, PoolKeys, QueuedCommand, ROUTER_LEASE, Router, Swept, Taken, parse_entry,
-};
 use crate::metrics::Metrics;
+
+mod driver;
+mod entry;
+mod pool;
+mod scripts;
+mod store;
+
+pub(crate) use store::PoolKeys;
+
+use driver::Driver;
+use entry::QueuedCommand;
+use store::{CommandStore, Outcome};
 
 /// How long a taken command may wait to be written before its lease lapses (its session is
 /// stuck or its listener died): then the next TAKE, anywhere, puts it back in the queue.
@@ -382,173 +390,6 @@ impl Commands {
             () = tokio::time::sleep(d) => false,
         }
     }
-
-    // === Pool tasks ===
-
-    async fn route(self, keys: Arc<PoolKeys>) {
-        let inner = &self.inner;
-        // The blocking read has a connection of its own, so it delays no other call.
-        let conn = redis::aio::ConnectionManager::new_lazy_with_config(
-            inner.client.clone(),
-            crate::command_store::connection_config(
-                inner.options.redis_timeout + Duration::from_secs(2),
-            ),
-        );
-        let conn = match conn {
-            Ok(conn) => conn,
-            Err(err) => {
-                warn!(pool = %keys.pool, %err, "command router not started");
-                return;
-            }
-        };
-        let mut router = Router {
-            conn,
-            store: inner.store.clone(),
-            keys: (*keys).clone(),
-            consumer: inner.options.owner.clone(),
-            lead: crate::command_store::lead_script(),
-        };
-        let mut grouped = false;
-        let mut leading = false;
-        while !inner.stop.is_cancelled() {
-            if !grouped {
-                if let Err(err) = router.ensure_group().await {
-                    warn!(pool = %keys.pool, %err, "creating the command consumer group");
-                    if self.pause(RETRY_AFTER).await {
-                        break;
-                    }
-                    continue;
-                }
-                grouped = true;
-            }
-            // Renewed every read (a read blocks at most a second, a fifth of the lease).
-            let was_leading = leading;
-            leading = match router.lead().await {
-                Ok(held) => held,
-                Err(err) => {
-                    warn!(pool = %keys.pool, %err, "renewing the command router lease");
-                    false
-                }
-            };
-            if !leading {
-                if self.pause(ROUTER_LEASE / 5).await {
-                    break;
-                }
-                continue;
-            }
-            let read = if was_leading {
-                tokio::select! {
-                    () = inner.stop.cancelled() => break,
-                    read = router.read() => read,
-                }
-            } else {
-                debug!(pool = %keys.pool, "routing the pool's commands");
-                router.claim().await
-            };
-            let entries = match read {
-                Ok(entries) => entries,
-                Err(err) => {
-                    grouped = !Router::is_missing_group(&err);
-                    // Claim again on the next round: the failed read may have delivered.
-                    leading = false;
-                    warn!(pool = %keys.pool, %err, "reading the command stream");
-                    if self.pause(RETRY_AFTER).await {
-                        break;
-                    }
-                    continue;
-                }
-            };
-            for entry in entries {
-                let routed = parse_entry(&entry.id, &entry.map);
-                // A failed ROUTE leaves the entry pending: the next router claims it.
-                match router.store.route(&keys, &entry.id, &routed).await {
-                    Ok(Some(status)) => {
-                        let reason = routed.reject.or(Some(CommandReason::UnknownImei));
-                        self.count(&keys.pool, status, reason);
-                        debug!(id = %routed.id, status = status.as_str(), "command routed");
-                    }
-                    Ok(None) => debug!(id = %routed.id, "command id seen before: ignored"),
-                    Err(err) => {
-                        warn!(pool = %keys.pool, id = %routed.id, %err, "routing a command");
-                        leading = false;
-                        break;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Subscribes to the pool's wake-up channel; after every (re)subscription every device
-    /// held here is looked at once, so a message missed while disconnected delays nothing.
-    async fn wake_ups(self, keys: Arc<PoolKeys>) {
-        let inner = &self.inner;
-        while !inner.stop.is_cancelled() {
-            let subscribed = async {
-                let mut pubsub = inner.client.get_async_pubsub().await?;
-                pubsub.subscribe(&keys.channel).await?;
-                Ok::<_, redis::RedisError>(pubsub)
-            };
-            let pubsub = tokio::select! {
-                () = inner.stop.cancelled() => break,
-                p = tokio::time::timeout(inner.options.redis_timeout, subscribed) => p,
-            };
-            match pubsub {
-                Ok(Ok(pubsub)) => {
-                    self.kick_all(&keys);
-                    let mut messages = pubsub.into_on_message();
-                    loop {
-                        let message = tokio::select! {
-                            () = inner.stop.cancelled() => return,
-                            m = messages.next() => m,
-                        };
-                        let Some(message) = message else { break };
-                        if let Ok(imei) = message.get_payload::<String>() {
-                            self.kick(&keys, &imei);
-                        }
-                    }
-                    warn!(pool = %keys.pool, "command wake-up subscription lost; resubscribing");
-                }
-                Ok(Err(err)) => warn!(pool = %keys.pool, %err, "subscribing to command wake-ups"),
-                Err(_) => warn!(pool = %keys.pool, "subscribing to command wake-ups timed out"),
-            }
-            if self.pause(RETRY_AFTER).await {
-                break;
-            }
-        }
-    }
-
-    async fn sweep(self, keys: Arc<PoolKeys>) {
-        let inner = &self.inner;
-        let mut tick = tokio::time::interval(SWEEP_EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = inner.stop.cancelled() => break,
-                _ = tick.tick() => {}
-            }
-            match inner.store.sweep(&keys).await {
-                Ok(Swept {
-                    expired,
-                    timed_out,
-                    open,
-                }) => {
-                    let pool = keys.pool.as_str();
-                    let m = &inner.metrics;
-                    m.commands
-                        .with_label_values(&[pool, "expired"])
-                        .inc_by(expired);
-                    m.commands
-                        .with_label_values(&[pool, "failed"])
-                        .inc_by(timed_out);
-                    m.command_failures
-                        .with_label_values(&[pool, "timeout"])
-                        .inc_by(timed_out);
-                    m.command_queue_depth.with_label_values(&[pool]).set(open);
-                }
-                Err(err) => debug!(pool = %keys.pool, %err, "command sweep failed"),
-            }
-        }
-    }
 }
 
 // === Session side ===
@@ -590,194 +431,6 @@ impl Drop for CommandLink {
     fn drop(&mut self) {
         self.commands
             .detach(&self.keys.pool, self.imei.as_str(), self.session);
-    }
-}
-
-// === Driver ===
-
-/// Sends one device its commands, one at a time, while it is connected here.
-struct Driver {
-    commands: Commands,
-    keys: Arc<PoolKeys>,
-    imei: Imei,
-    inbox: mpsc::Receiver<DriverMsg>,
-}
-
-impl Driver {
-    async fn run(mut self) {
-        loop {
-            if !self.step().await {
-                // Nothing to do: stop, unless a message came in meanwhile.
-                match self.commands.finish_driver(
-                    &self.keys.pool,
-                    self.imei.as_str(),
-                    &mut self.inbox,
-                ) {
-                    Some(DriverMsg::Reply(reply)) => self.stray(reply).await,
-                    Some(DriverMsg::Kick) => {}
-                    None => return,
-                }
-            }
-            if self.commands.inner.stop.is_cancelled() {
-                let _ = self.commands.finish_driver(
-                    &self.keys.pool,
-                    self.imei.as_str(),
-                    &mut self.inbox,
-                );
-                return;
-            }
-        }
-    }
-
-    /// One TAKE and what follows; `false` when there is nothing (more) to do for now.
-    async fn step(&mut self) -> bool {
-        let commands = self.commands.clone();
-        let inner = &commands.inner;
-        let imei = self.imei.as_str();
-        let Some(session) = commands.session(&self.keys.pool, imei) else {
-            return false;
-        };
-        let taken = match inner
-            .store
-            .take(&self.keys, imei, &inner.options.owner, WRITE_LEASE)
-            .await
-        {
-            Ok(taken) => taken,
-            Err(err) => {
-                warn!(%err, "taking the next command: redis");
-                return !commands.pause(RETRY_AFTER).await;
-            }
-        };
-        match taken {
-            Taken::Empty => false,
-            Taken::Busy { id, wait } => {
-                // Another attempt holds the device (its previous connection, perhaps through
-                // another listener): wait for its end, or for the answer on this connection.
-                tokio::select! {
-                    msg = self.inbox.recv() => match msg {
-                        Some(DriverMsg::Reply(reply)) => {
-                            commands.resolve(&self.keys, imei, &id, reply.outcome(), None).await;
-                            true
-                        }
-                        Some(DriverMsg::Kick) => true,
-                        None => false,
-                    },
-                    () = tokio::time::sleep(wait) => true,
-                }
-            }
-            Taken::TimedOut { id } => {
-                commands
-                    .resolve(
-                        &self.keys,
-                        imei,
-                        &id,
-                        Outcome::Failed(CommandReason::Timeout),
-                        None,
-                    )
-                    .await;
-                true
-            }
-            Taken::Unreadable { id } => {
-                commands
-                    .resolve(
-                        &self.keys,
-                        imei,
-                        &id,
-                        Outcome::Failed(CommandReason::Malformed),
-                        None,
-                    )
-                    .await;
-                true
-            }
-            Taken::Command { command, now_ms } => {
-                self.deliver(&session, command, now_ms).await;
-                true
-            }
-        }
-    }
-
-    async fn deliver(
-        &mut self,
-        session: &mpsc::Sender<Outgoing>,
-        command: QueuedCommand,
-        now_ms: u64,
-    ) {
-        let commands = self.commands.clone();
-        let inner = &commands.inner;
-        let (keys, imei, id) = (&*self.keys, self.imei.as_str(), command.id.as_str());
-        if command.is_expired(now_ms) {
-            commands
-                .resolve(keys, imei, id, Outcome::Expired, None)
-                .await;
-            return;
-        }
-        let Some(frame) = command_frame(&command, &self.imei) else {
-            commands
-                .resolve(
-                    keys,
-                    imei,
-                    id,
-                    Outcome::Failed(CommandReason::Malformed),
-                    None,
-                )
-                .await;
-            return;
-        };
-        let (written, was_written) = oneshot::channel();
-        let handed = session.send(Outgoing { frame, written }).await.is_ok();
-        let went_out = handed
-            && tokio::time::timeout(WRITE_LEASE / 2, was_written)
-                .await
-                .is_ok_and(|w| w.unwrap_or(false));
-        if !went_out {
-            // The session closed first: back to the head for the device's next connection.
-            if let Err(err) = inner
-                .store
-                .release(keys, imei, id, &inner.options.owner)
-                .await
-            {
-                warn!(id, %err, "releasing an unsent command: its lease will lapse instead");
-            }
-            return;
-        }
-        let sent_at = Instant::now();
-        let timeout = inner.options.response_timeout;
-        match inner
-            .store
-            .mark_sent(keys, imei, id, &inner.options.owner, timeout)
-            .await
-        {
-            Ok(true) => commands.count(&keys.pool, CommandStatus::Sent, None),
-            Ok(false) => warn!(id, "command lease lost before it was marked sent"),
-            // Sent but not marked: the write lease lapses first, and the command may go out
-            // once more after it (an attempt per lease, never two at once).
-            Err(err) => warn!(id, %err, "marking a command sent: redis"),
-        }
-        debug!(id, "command sent");
-        let deadline = sent_at + timeout;
-        let outcome = loop {
-            tokio::select! {
-                msg = self.inbox.recv() => match msg {
-                    Some(DriverMsg::Reply(reply)) => break reply.outcome(),
-                    Some(DriverMsg::Kick) => {}
-                    None => return,
-                },
-                () = tokio::time::sleep_until(deadline) => break Outcome::Failed(CommandReason::Timeout),
-            }
-        };
-        commands
-            .resolve(keys, imei, id, outcome, Some(sent_at))
-            .await;
-    }
-
-    /// A reply that reached the driver as it was stopping.
-    async fn stray(&self, reply: Reply) {
-        let store = &self.commands.inner.store;
-        if let Ok(Some(id)) = store.outstanding(&self.keys, self.imei.as_str()).await {
-            self.commands
-                .resolve(&self.keys, self.imei.as_str(), &id, reply.outcome(), None)
-                .await;
-        }
     }
 }
 

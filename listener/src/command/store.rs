@@ -1,5 +1,5 @@
-//! The command path's Redis side: the scripts that move a command through its states, the
-//! router (consumer group on the command stream), the wake-up subscription and the sweeper.
+//! The command path's Redis side: the calls that run the scripts (`scripts`) moving a command
+//! through its states, and the router's reads of the command stream.
 //!
 //! ```text
 //!  service ─XADD─► {pool}:commands ─► router (group trackgate-router) ─ ROUTE ─► {pool}:cmdqueue:<imei>
@@ -18,223 +18,19 @@
 //! data frame in the publisher's pipelines. The router's blocking `XREADGROUP` has a
 //! connection of its own as well.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{
     StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamReadOptions, StreamReadReply,
 };
-use redis::{AsyncCommands, RedisError, RedisResult, Script, Value};
+use redis::{AsyncCommands, RedisError, RedisResult, Script};
 use trackgate_api::redis_layout::{
     self as layout, COMMAND_STATUS_RETENTION_SECONDS, COMMANDS_GROUP, CommandReason, CommandStatus,
-    DEFAULT_COMMAND_TTL_SECONDS, MAX_COMMAND_BYTES, MAX_COMMAND_ID_LEN, MAX_COMMAND_TTL_SECONDS,
-    command_field as field,
 };
-use trackgate_protocol::Imei;
 
-const ROUTE: &str = r"
--- KEYS: commands stream, members, device queue, status hash, responses, deadlines.
--- ARGV: group, entry id, id, imei, codec, payload hex, ttl ms, retain ms, maxlen,
---       command text (or ''), reject reason (or ''), ready channel.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if redis.call('EXISTS', KEYS[4]) == 1 then
-  redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-  return 'duplicate'
-end
-local reason = ARGV[11]
-if reason == '' and redis.call('HEXISTS', KEYS[2], ARGV[4]) == 0 then
-  reason = 'unknown_imei'
-end
-local status = 'queued'
-if reason ~= '' then status = 'failed' end
-local expires = string.format('%d', now + tonumber(ARGV[7]))
-local nows = string.format('%d', now)
-redis.call('HSET', KEYS[4], 'id', ARGV[3], 'imei', ARGV[4], 'codec', ARGV[5], 'status', status,
-  'created', nows, 'expires', expires, 'ts', nows)
-if ARGV[10] ~= '' then
-  redis.call('HSET', KEYS[4], 'command', ARGV[10])
-else
-  redis.call('HSET', KEYS[4], 'payload', ARGV[6])
-end
-local entry = {'id', ARGV[3], 'imei', ARGV[4], 'status', status}
-if reason ~= '' then
-  redis.call('HSET', KEYS[4], 'reason', reason)
-  redis.call('PEXPIRE', KEYS[4], ARGV[8])
-  entry[#entry + 1] = 'reason'; entry[#entry + 1] = reason
-else
-  redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[7]) + tonumber(ARGV[8]))
-  redis.call('RPUSH', KEYS[3], cjson.encode({id = ARGV[3], codec = tonumber(ARGV[5]),
-    payload = ARGV[6], expires = expires}))
-  redis.call('ZADD', KEYS[6], expires, ARGV[3])
-end
-entry[#entry + 1] = 'ts'; entry[#entry + 1] = nows
-redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[9], '*', unpack(entry))
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-if status == 'queued' then redis.call('PUBLISH', ARGV[12], ARGV[4]) end
-return status
-";
-
-const TAKE: &str = r"
--- KEYS: device queue, device lease. ARGV: owner, lease ms.
--- Returns {'empty'} | {'busy', id, wait ms} | {'timeout', id} | {'take', id, body, now}.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  local f = redis.call('HMGET', KEYS[2], 'id', 'deadline', 'sent', 'body')
-  local wait = tonumber(f[2]) - now
-  if wait > 0 then return {'busy', f[1], string.format('%d', wait)} end
-  if f[3] == '1' then return {'timeout', f[1]} end
-  -- Taken but never confirmed written: its taker died first. Back to the head of the queue.
-  redis.call('LPUSH', KEYS[1], f[4])
-  redis.call('DEL', KEYS[2])
-end
-local body = redis.call('LPOP', KEYS[1])
-if not body then return {'empty'} end
-local id = cjson.decode(body).id
-redis.call('HSET', KEYS[2], 'id', id, 'body', body, 'owner', ARGV[1],
-  'deadline', string.format('%d', now + tonumber(ARGV[2])), 'sent', '0')
-return {'take', id, body, string.format('%d', now)}
-";
-
-const MARK_SENT: &str = r"
--- KEYS: device lease, status hash, responses. ARGV: id, owner, response timeout ms, maxlen, imei.
-local f = redis.call('HMGET', KEYS[1], 'id', 'owner')
-if f[1] ~= ARGV[1] or f[2] ~= ARGV[2] then return 0 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local nows = string.format('%d', now)
-redis.call('HSET', KEYS[1], 'sent', '1', 'deadline', string.format('%d', now + tonumber(ARGV[3])))
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  redis.call('HSET', KEYS[2], 'status', 'sent', 'sent_at', nows, 'ts', nows)
-end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'id', ARGV[1], 'imei', ARGV[5],
-  'status', 'sent', 'ts', nows)
-return 1
-";
-
-const RESOLVE: &str = r"
--- KEYS: device lease, status hash, responses, deadlines.
--- ARGV: id, imei, status, reason, answer, answer hex, maxlen, retain ms, ready channel.
--- Compare-and-delete on the lease's id: a command is resolved, and recorded, once.
-if redis.call('HGET', KEYS[1], 'id') ~= ARGV[1] then return 0 end
-local t = redis.call('TIME')
-local nows = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[4], ARGV[1])
-local entry = {'id', ARGV[1], 'imei', ARGV[2], 'status', ARGV[3]}
-if ARGV[4] ~= '' then entry[#entry + 1] = 'reason'; entry[#entry + 1] = ARGV[4] end
-if ARGV[6] ~= '' then
-  if ARGV[5] ~= '' then entry[#entry + 1] = 'answer'; entry[#entry + 1] = ARGV[5] end
-  entry[#entry + 1] = 'answer_hex'; entry[#entry + 1] = ARGV[6]
-end
-entry[#entry + 1] = 'ts'; entry[#entry + 1] = nows
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  redis.call('HSET', KEYS[2], unpack(entry))
-  redis.call('PEXPIRE', KEYS[2], ARGV[8])
-end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', unpack(entry))
-redis.call('PUBLISH', ARGV[9], ARGV[2])
-return 1
-";
-
-const SWEEP: &str = r"
--- KEYS: deadlines, responses. ARGV: key base '<prefix>:{<pool>}', maxlen, limit, retain ms,
--- ready channel. Returns {expired, timed out, commands still open}.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local nows = string.format('%d', now)
-local expired, timed_out = 0, 0
-local function record(skey, id, imei, status, reason)
-  local entry = {'id', id, 'imei', imei, 'status', status, 'reason', reason, 'ts', nows}
-  if redis.call('EXISTS', skey) == 1 then
-    redis.call('HSET', skey, unpack(entry))
-    redis.call('PEXPIRE', skey, ARGV[4])
-  end
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(entry))
-end
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
-for _, id in ipairs(ids) do
-  local skey = ARGV[1] .. ':command:' .. id
-  local imei = redis.call('HGET', skey, 'imei')
-  local done = true
-  if imei then
-    local queue = ARGV[1] .. ':cmdqueue:' .. imei
-    local queued = false
-    for _, body in ipairs(redis.call('LRANGE', queue, 0, -1)) do
-      if cjson.decode(body).id == id then
-        redis.call('LREM', queue, 1, body)
-        queued = true
-        break
-      end
-    end
-    if queued then
-      record(skey, id, imei, 'expired', 'ttl')
-      expired = expired + 1
-    else
-      local lease = ARGV[1] .. ':cmdinflight:' .. imei
-      local f = redis.call('HMGET', lease, 'id', 'deadline', 'sent')
-      if f[1] == id then
-        if tonumber(f[2]) <= now then
-          -- Its taker died and the device never came back to take the next one.
-          redis.call('DEL', lease)
-          if f[3] == '1' then
-            record(skey, id, imei, 'failed', 'timeout')
-            timed_out = timed_out + 1
-          else
-            record(skey, id, imei, 'expired', 'ttl')
-            expired = expired + 1
-          end
-          redis.call('PUBLISH', ARGV[5], imei)
-        else
-          -- Still leased: look again when the lease ends.
-          redis.call('ZADD', KEYS[1], f[2], id)
-          done = false
-        end
-      end
-    end
-  end
-  if done then redis.call('ZREM', KEYS[1], id) end
-end
-return {expired, timed_out, redis.call('ZCARD', KEYS[1])}
-";
-
-const RELEASE: &str = r"
--- KEYS: device lease, device queue. ARGV: id, owner.
--- A command taken but not written (its session closed first) goes back to the head at once.
-local f = redis.call('HMGET', KEYS[1], 'id', 'owner', 'sent', 'body')
-if f[1] ~= ARGV[1] or f[2] ~= ARGV[2] or f[3] ~= '0' then return 0 end
-redis.call('LPUSH', KEYS[2], f[4])
-redis.call('DEL', KEYS[1])
-return 1
-";
-
-const MEMBERS_REMOVE: &str = r"
--- KEYS: members. ARGV: shard, then IMEIs: each removed only if this shard still owns it, so a
--- device moved to another shard is not removed by its old shard's reload.
-local n = 0
-for i = 2, #ARGV do
-  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[1] then
-    n = n + redis.call('HDEL', KEYS[1], ARGV[i])
-  end
-end
-return n
-";
-
-const LEAD: &str = r"
--- KEYS: router lease. ARGV: owner, lease ms. Takes or renews the lease; 1 when held.
-local holder = redis.call('GET', KEYS[1])
-if not holder then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-if holder == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-";
+use super::entry::{QueuedCommand, Routed, hex};
+use super::scripts;
 
 /// How long the router lease lasts without renewal: a dead router's pool is routed again by
 /// another listener within this time.
@@ -290,121 +86,6 @@ impl PoolKeys {
 
     fn status(&self, id: &str) -> String {
         layout::command_status_key(&self.prefix, &self.pool, id)
-    }
-}
-
-// === Entries ===
-
-/// A command-stream entry, checked: what ROUTE gets.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) struct Routed {
-    pub(crate) id: String,
-    pub(crate) imei: String,
-    pub(crate) codec: u8,
-    pub(crate) payload: Vec<u8>,
-    pub(crate) text: Option<String>,
-    pub(crate) ttl: Duration,
-    /// Set when the entry cannot be sent: it is recorded `failed` with this reason.
-    pub(crate) reject: Option<CommandReason>,
-}
-
-/// Reads one entry of the command stream. Never fails: a bad entry becomes a `failed` command
-/// with a reason, so its producer learns why.
-pub(crate) fn parse_entry(entry_id: &str, fields: &HashMap<String, Value>) -> Routed {
-    let get = |name: &str| -> Option<String> {
-        match fields.get(name)? {
-            Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
-            Value::SimpleString(s) => Some(s.clone()),
-            Value::Int(n) => Some(n.to_string()),
-            _ => None,
-        }
-    };
-    let mut reject = None;
-    let mut bad = |reason| {
-        reject.get_or_insert(reason);
-    };
-    let id = match get(field::ID) {
-        Some(id) if is_valid_id(&id) => id,
-        Some(_) => {
-            bad(CommandReason::Malformed);
-            entry_id.to_owned()
-        }
-        None => entry_id.to_owned(),
-    };
-    let imei = get(field::IMEI).unwrap_or_default();
-    if Imei::parse(&imei).is_err() {
-        bad(CommandReason::Malformed);
-    }
-    let codec = match get(field::CODEC).as_deref().map(str::trim) {
-        None | Some("" | "12") => 12,
-        Some("14") => 14,
-        Some(_) => {
-            bad(CommandReason::Malformed);
-            12
-        }
-    };
-    let ttl = match get(field::TTL).map(|s| s.trim().parse::<u64>()) {
-        None => DEFAULT_COMMAND_TTL_SECONDS,
-        Some(Ok(s)) if (1..=MAX_COMMAND_TTL_SECONDS).contains(&s) => s,
-        Some(_) => {
-            bad(CommandReason::Malformed);
-            DEFAULT_COMMAND_TTL_SECONDS
-        }
-    };
-    let (payload, text) = match (get(field::COMMAND), get(field::PAYLOAD)) {
-        (Some(text), None) if !text.is_empty() => (text.clone().into_bytes(), Some(text)),
-        (None, Some(hex)) => match from_hex(&hex) {
-            Some(bytes) if !bytes.is_empty() => (bytes, None),
-            _ => {
-                bad(CommandReason::Malformed);
-                (Vec::new(), None)
-            }
-        },
-        _ => {
-            bad(CommandReason::Malformed);
-            (Vec::new(), None)
-        }
-    };
-    if payload.len() > MAX_COMMAND_BYTES {
-        bad(CommandReason::TooLarge);
-    }
-    Routed {
-        id,
-        imei,
-        codec,
-        payload,
-        text,
-        ttl: Duration::from_secs(ttl),
-        reject,
-    }
-}
-
-fn is_valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= MAX_COMMAND_ID_LEN
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}')
-}
-
-/// A command taken from a device's queue (the JSON body ROUTE wrote).
-#[derive(Debug, Clone, serde::Deserialize)]
-pub(crate) struct QueuedCommand {
-    pub(crate) id: String,
-    pub(crate) codec: u8,
-    /// Hex.
-    payload: String,
-    /// Ms since the epoch (Redis time).
-    expires: String,
-}
-
-impl QueuedCommand {
-    pub(crate) fn payload(&self) -> Option<Vec<u8>> {
-        from_hex(&self.payload)
-    }
-
-    pub(crate) fn is_expired(&self, now_ms: u64) -> bool {
-        self.expires.parse::<u64>().map_or(true, |e| e <= now_ms)
     }
 }
 
@@ -477,7 +158,7 @@ struct Scripts {
 }
 
 pub(crate) fn lead_script() -> Script {
-    Script::new(LEAD)
+    Script::new(scripts::LEAD)
 }
 
 pub(crate) fn connection_config(timeout: Duration) -> ConnectionManagerConfig {
@@ -499,13 +180,13 @@ impl CommandStore {
         Ok(Self {
             conn,
             scripts: std::sync::Arc::new(Scripts {
-                route: Script::new(ROUTE),
-                take: Script::new(TAKE),
-                mark_sent: Script::new(MARK_SENT),
-                resolve: Script::new(RESOLVE),
-                sweep: Script::new(SWEEP),
-                release: Script::new(RELEASE),
-                members_remove: Script::new(MEMBERS_REMOVE),
+                route: Script::new(scripts::ROUTE),
+                take: Script::new(scripts::TAKE),
+                mark_sent: Script::new(scripts::MARK_SENT),
+                resolve: Script::new(scripts::RESOLVE),
+                sweep: Script::new(scripts::SWEEP),
+                release: Script::new(scripts::RELEASE),
+                members_remove: Script::new(scripts::MEMBERS_REMOVE),
             }),
         })
     }
@@ -825,106 +506,5 @@ impl Router {
 
     pub(crate) fn is_missing_group(err: &RedisError) -> bool {
         err.code() == Some("NOGROUP")
-    }
-}
-
-// === Hex ===
-
-/// Lowercase hex.
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    crate::session::hex(bytes)
-}
-
-fn from_hex(s: &str) -> Option<Vec<u8>> {
-    let s = s.trim();
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| s.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn entry(fields: &[(&str, &str)]) -> Routed {
-        let map = fields
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), Value::BulkString(v.as_bytes().to_vec())))
-            .collect();
-        parse_entry("1-0", &map)
-    }
-
-    #[test]
-    fn a_text_command_defaults_to_codec_12_and_an_hour() {
-        let r = entry(&[
-            ("id", "c1"),
-            ("imei", "356307042441013"),
-            ("command", "getinfo"),
-        ]);
-        assert_eq!(r.reject, None);
-        assert_eq!((r.codec, r.ttl), (12, Duration::from_secs(3600)));
-        assert_eq!(r.payload, b"getinfo");
-        assert_eq!(r.text.as_deref(), Some("getinfo"));
-    }
-
-    #[test]
-    fn a_raw_payload_and_codec_14() {
-        let r = entry(&[
-            ("imei", "356307042441013"),
-            ("payload", "0303AB"),
-            ("codec", "14"),
-            ("ttl", "60"),
-        ]);
-        assert_eq!(r.reject, None);
-        assert_eq!(r.id, "1-0", "the entry id stands in for a missing id");
-        assert_eq!((r.codec, r.payload.as_slice()), (14, &[3u8, 3, 0xAB][..]));
-    }
-
-    #[test]
-    fn bad_entries_get_a_reason() {
-        let imei = ("imei", "356307042441013");
-        let cases: [(&[(&str, &str)], CommandReason); 7] = [
-            (
-                &[("imei", "12"), ("command", "getver")],
-                CommandReason::Malformed,
-            ),
-            (&[imei], CommandReason::Malformed),
-            (
-                &[imei, ("command", "a"), ("payload", "00")],
-                CommandReason::Malformed,
-            ),
-            (&[imei, ("payload", "0g")], CommandReason::Malformed),
-            (
-                &[imei, ("command", "a"), ("codec", "13")],
-                CommandReason::Malformed,
-            ),
-            (
-                &[imei, ("command", "a"), ("ttl", "0")],
-                CommandReason::Malformed,
-            ),
-            (
-                &[imei, ("id", "a{b}"), ("command", "a")],
-                CommandReason::Malformed,
-            ),
-        ];
-        for (fields, reason) in cases {
-            assert_eq!(entry(fields).reject, Some(reason), "{fields:?}");
-        }
-        let big = "x".repeat(MAX_COMMAND_BYTES + 1);
-        assert_eq!(
-            entry(&[imei, ("command", &big)]).reject,
-            Some(CommandReason::TooLarge)
-        );
-    }
-
-    #[test]
-    fn hex_round_trips() {
-        assert_eq!(from_hex("00ab0F"), Some(vec![0, 0xab, 0x0f]));
-        assert_eq!(from_hex("abc"), None);
-        assert_eq!(hex(&[1, 0xfe]), "01fe");
     }
 }
