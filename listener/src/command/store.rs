@@ -508,3 +508,21 @@ impl Router {
         err.code() == Some("NOGROUP")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SWEEP builds status, queue and lease keys from the key base in Lua: they must stay the
+    /// names `redis_layout` gives.
+    #[test]
+    fn the_sweep_key_base_matches_the_layout() {
+        let keys = PoolKeys::new("tg", "fleet", 10);
+        assert_eq!(format!("{}:command:c1", keys.base), keys.status("c1"));
+        assert_eq!(format!("{}:cmdqueue:1", keys.base), keys.queue("1"));
+        assert_eq!(format!("{}:cmdinflight:1", keys.base), keys.inflight("1"));
+        assert!(scripts::SWEEP.contains("':command:'"));
+        assert!(scripts::SWEEP.contains("':cmdqueue:'"));
+        assert!(scripts::SWEEP.contains("':cmdinflight:'"));
+    }
+}
