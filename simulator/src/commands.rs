@@ -3,7 +3,10 @@
 //! the Codec 14 refusal (type 0x11) of a command addressed to another IMEI.
 
 use bytes::{Bytes, BytesMut};
-use trackgate_protocol::{Codec, Command, Frame, FrameDecoder, FrameError, Imei};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use trackgate_protocol::{Codec, Command, Frame, FrameDecoder, FrameError, Imei, encode_command};
+
+use crate::device::SessionError;
 
 /// The device's answer to a command frame from the server; `None` for what a device leaves
 /// unanswered (a frame that is not a command, `cpureset`, which restarts it, or a command
@@ -91,10 +94,27 @@ pub(crate) fn take_command_frames(
     Ok(commands)
 }
 
+/// Answers the command frames at the head of `inbox` as the real device would.
+pub(crate) async fn answer_commands<W: AsyncWrite + Unpin>(
+    imei: &Imei,
+    inbox: &mut BytesMut,
+    decoder: &mut FrameDecoder,
+    wr: &mut W,
+) -> Result<(), SessionError> {
+    let frames = take_command_frames(inbox, decoder).map_err(SessionError::BadFrame)?;
+    for command in frames {
+        if let Some(answer) = answer(imei, &command) {
+            let mut buf = BytesMut::new();
+            encode_command(&answer, &mut buf)?;
+            wr.write_all(&buf).await?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use trackgate_protocol::encode_command;
 
     fn imei() -> Imei {
         Imei::parse("352093081452251").unwrap()

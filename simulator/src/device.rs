@@ -13,10 +13,10 @@ use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 use trackgate_protocol::{
     AvlPacket, AvlRecord, Codec, EncodeError, FrameDecoder, FrameError, Imei, Limits, encode_avl,
-    encode_command, encode_login,
+    encode_login,
 };
 
-use crate::commands::{self, Head, head, take_command_frames};
+use crate::commands::{Head, answer_commands, head};
 
 /// How long four zero bytes wait for the rest of a frame before they count as an ack of 0.
 const ZERO_ACK_WAIT: Duration = Duration::from_millis(50);
@@ -381,24 +381,6 @@ impl Device {
             }
         }
     }
-}
-
-/// Answers the command frames at the head of `inbox` as the real device would.
-async fn answer_commands<W: AsyncWrite + Unpin>(
-    imei: &Imei,
-    inbox: &mut BytesMut,
-    decoder: &mut FrameDecoder,
-    wr: &mut W,
-) -> Result<(), SessionError> {
-    let frames = take_command_frames(inbox, decoder).map_err(SessionError::BadFrame)?;
-    for command in frames {
-        if let Some(answer) = commands::answer(imei, &command) {
-            let mut buf = BytesMut::new();
-            encode_command(&answer, &mut buf)?;
-            wr.write_all(&buf).await?;
-        }
-    }
-    Ok(())
 }
 
 /// Reads until `inbox` holds at least `n` bytes.
