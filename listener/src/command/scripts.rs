@@ -93,7 +93,7 @@ redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
 local entry = {'id', ARGV[1], 'imei', ARGV[2], 'status', ARGV[3]}
 if ARGV[4] ~= '' then entry[#entry + 1] = 'reason'; entry[#entry + 1] = ARGV[4] end
-if ARGV[6] ~= '' then
+if ARGV[3] == 'answered' then
   if ARGV[5] ~= '' then entry[#entry + 1] = 'answer'; entry[#entry + 1] = ARGV[5] end
   entry[#entry + 1] = 'answer_hex'; entry[#entry + 1] = ARGV[6]
 end

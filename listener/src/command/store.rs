@@ -360,12 +360,7 @@ impl CommandStore {
         let (text, hex_answer) = match outcome {
             Outcome::Answered(bytes) => (
                 std::str::from_utf8(bytes).unwrap_or("").to_owned(),
-                // NB: an empty answer still gets a non-empty marker so the script records it.
-                if bytes.is_empty() {
-                    "-".to_owned()
-                } else {
-                    hex(bytes)
-                },
+                hex(bytes),
             ),
             _ => (String::new(), String::new()),
         };
