@@ -1,14 +1,15 @@
 //! Benchmark: command round trip through Redis with many connected devices.
 //!
-//! A `redis-server`, the real `trackgate listen` binary (of the profile this example is built
-//! with) serving a shared pool, and `DEVICES` idle simulated devices that answer commands as
+//! A `redis-server`, the real `trackgate listen` binary (`TRACKGATE_BIN`, else the one of this
+//! build's profile) serving a shared pool, and `DEVICES` idle simulated devices that answer commands as
 //! FMB devices do. Commands are `XADD`ed at `RATE` per second to random devices; the round trip
 //! is the command entry's id (Redis time of the `XADD`) to the `answered` entry's `ts` (Redis
 //! time of the RESOLVE), so both ends read one clock.
 //!
 //! ```sh
-//! cargo build --release -p trackgate && cargo run --release -p trackgate-tests --example command_rtt
-//! DEVICES=1000 COMMANDS=3000 RATE=300 cargo run … --example command_rtt
+//! cargo build --release -p trackgate
+//! TRACKGATE_BIN=target/release/trackgate DEVICES=1000 COMMANDS=3000 RATE=300 \
+//!   cargo run -p trackgate-tests --example command_rtt
 //! ```
 
 use std::collections::HashMap;
