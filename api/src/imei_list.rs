@@ -101,6 +101,11 @@ impl ImeiSet {
         self.sorted.is_empty()
     }
 
+    /// The IMEIs as integers, ascending.
+    pub fn as_sorted(&self) -> &[u64] {
+        &self.sorted
+    }
+
     /// Heap bytes the set holds.
     pub fn heap_bytes(&self) -> usize {
         self.sorted.capacity() * std::mem::size_of::<u64>()

@@ -5,6 +5,7 @@
 //! - [`imei_list`]: the `devicesFrom` IMEI list format and the compact set listeners admit from.
 //! - [`shard_config`]: the file the operator writes into each shard's ConfigMap and the
 //!   listener reads (and reloads) — the contract between control plane and data plane.
+//! - [`redis_layout`]: Redis key names and fields (this branch: the command keys).
 //!
 //! This crate does no IO: no sockets, no files, no Kubernetes client. `kube` may appear here
 //! only with its `derive` feature, for the `TrackerPortPool` custom resource.
@@ -13,6 +14,7 @@
 pub mod conditions;
 pub mod imei_list;
 pub mod pool;
+pub mod redis_layout;
 pub mod shard_config;
 
 pub use pool::{

@@ -193,6 +193,28 @@ impl ShardView {
         &self.devices
     }
 
+    /// The pool members this version serves, as sorted IMEI integers: the port owners in
+    /// dedicated mode, the admitted set in shared mode (empty under open admission, where any
+    /// IMEI is a member: see [`Self::admits_any`]).
+    pub(crate) fn members(&self) -> Vec<u64> {
+        let mut out: Vec<u64> = match self.config.mode {
+            IdentificationMode::Dedicated => self
+                .owners
+                .iter()
+                .filter_map(|i| Imei::parse(i).ok())
+                .map(|i| i.to_u64())
+                .collect(),
+            IdentificationMode::Shared => self.devices.as_sorted().to_vec(),
+        };
+        out.sort_unstable();
+        out
+    }
+
+    /// Open admission: every well-formed IMEI is a member.
+    pub(crate) fn admits_any(&self) -> bool {
+        self.config.mode == IdentificationMode::Shared && self.config.admission == AdmissionMode::Open
+    }
+
     pub(crate) fn ports(&self) -> impl Iterator<Item = u16> + '_ {
         self.port_owner.keys().copied()
     }

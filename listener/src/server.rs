@@ -22,9 +22,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 use trackgate_api::imei_list::ImeiSet;
+use trackgate_api::redis_layout as layout;
 use trackgate_api::{IdentificationMode, ShardConfig};
 use trackgate_telemetry::{Health, Heartbeat};
 
+use crate::command::{CommandOptions, Commands};
 use crate::config::{self, FileStamp, ShardView};
 use crate::error::StartError;
 use crate::metrics::Metrics;
@@ -67,6 +69,10 @@ pub struct ListenerOptions {
     pub dedup_ttl: Duration,
     /// `/livez` fails when an accept loop, the publisher or the runtime is silent this long.
     pub liveness_max_silence: Duration,
+    /// How long a device has to answer a command before it is `failed: timeout` and the
+    /// device's next command goes out. Teltonika devices answer within seconds; a minute
+    /// leaves room for a slow link without holding a device's queue for long.
+    pub command_response_timeout: Duration,
 }
 
 impl Default for ListenerOptions {
@@ -83,16 +89,20 @@ impl Default for ListenerOptions {
             dedup_records: 128,
             dedup_ttl: Duration::from_secs(7 * 24 * 3600),
             liveness_max_silence: Duration::from_secs(15),
+            command_response_timeout: Duration::from_secs(60),
         }
     }
 }
+
+/// Overrides [`ListenerOptions::command_response_timeout`], in milliseconds.
+pub const COMMAND_RESPONSE_TIMEOUT_ENV: &str = "TRACKGATE_COMMAND_RESPONSE_TIMEOUT_MS";
 
 /// Redis URL used when `TRACKGATE_REDIS_URL` is unset.
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/";
 
 impl ListenerOptions {
-    /// Defaults, with `redis_url` from `TRACKGATE_REDIS_URL` and `pod_name` from `POD_NAME`
-    /// (or `HOSTNAME`). Returns whether the Redis URL came from the environment.
+    /// Defaults, with `redis_url` from `TRACKGATE_REDIS_URL`, `pod_name` from `POD_NAME`
+    /// (or `HOSTNAME`) and the command response timeout from [`COMMAND_RESPONSE_TIMEOUT_ENV`]. Returns whether the Redis URL came from the environment.
     pub fn from_env() -> (Self, bool) {
         let mut options = Self::default();
         let from_env = match std::env::var(trackgate_api::shard_config::REDIS_URL_ENV) {
@@ -107,6 +117,13 @@ impl ListenerOptions {
             .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
         {
             options.pod_name = pod;
+        }
+        if let Some(ms) = std::env::var(COMMAND_RESPONSE_TIMEOUT_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|ms| *ms > 0)
+        {
+            options.command_response_timeout = Duration::from_millis(ms);
         }
         (options, from_env)
     }
@@ -228,6 +245,17 @@ impl Listener {
             &health,
             publisher_stop.clone(),
         )?;
+        let commands = Commands::start(
+            CommandOptions {
+                redis_url: options.redis_url.clone(),
+                redis_timeout: options.redis_timeout,
+                owner: lease_owner(&options.pod_name),
+                response_timeout: options.command_response_timeout,
+            },
+            metrics.clone(),
+            publisher_stop.clone(),
+        )
+        .map_err(StartError::RedisUrl)?;
         let env = Arc::new(Env {
             health: health.clone(),
             metrics: metrics.clone(),
@@ -255,6 +283,7 @@ impl Listener {
                 config.clone(),
                 Arc::clone(&devices),
                 sink.clone(),
+                commands.clone(),
                 &env,
                 session_stop.clone(),
             );
@@ -337,6 +366,16 @@ impl Drop for Listener {
     }
 }
 
+/// This process's name in device leases and as the command-stream consumer: the pod name and
+/// the start time, so a restarted container (same pod name) is a new owner.
+fn lease_owner(pod: &str) -> String {
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{pod}-{started:x}")
+}
+
 async fn runtime_heartbeat(heartbeat: Arc<Heartbeat>, stop: CancellationToken) {
     // A timer task on the shared runtime: it goes stale when no worker can run tasks.
     while tokio::time::timeout(BEAT_EVERY, stop.cancelled())
@@ -356,6 +395,9 @@ struct Shard {
     ports: Mutex<BTreeMap<u16, PortHandle>>,
     connections: Arc<Semaphore>,
     rate: Mutex<TokenBucket>,
+    /// Whether the shard's devices were handed to the command side once (all of them then,
+    /// the differences on reload).
+    members_registered: std::sync::atomic::AtomicBool,
 }
 
 struct PortHandle {
@@ -369,6 +411,7 @@ impl Shard {
         config: ShardConfig,
         devices: Arc<ImeiSet>,
         sink: Sink,
+        commands: Commands,
         env: &Env,
         stop: CancellationToken,
     ) -> Arc<Self> {
@@ -382,6 +425,7 @@ impl Shard {
                 shard: index.to_string(),
                 view: view_rx,
                 sink,
+                commands: Some(commands),
                 metrics: env.metrics.clone(),
                 stop,
                 publish_retry_for: env.options.publish_retry_for,
@@ -391,6 +435,7 @@ impl Shard {
             // NB: sized once at start; a reload that changes maxConnections applies on restart.
             connections: Arc::new(Semaphore::new(limits.max_connections as usize)),
             rate: Mutex::new(TokenBucket::new(limits.accept_rate_per_second)),
+            members_registered: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -407,7 +452,23 @@ impl Shard {
             return Ok(());
         }
         let view = Arc::new(ShardView::new(config, devices));
-        self.view.send_replace(Arc::clone(&view));
+        let old = self.view.send_replace(Arc::clone(&view));
+        if let Some(commands) = &self.ctx.commands {
+            // The first apply registers every device; later ones the difference.
+            let first = !self
+                .members_registered
+                .swap(true, std::sync::atomic::Ordering::Relaxed);
+            let before = if first { Vec::new() } else { old.members() };
+            let (mut added, mut removed) = member_changes(&before, &view.members());
+            // Open admission: any IMEI is a member, written as one wildcard field.
+            let was_open = !first && old.admits_any();
+            match (was_open, view.admits_any()) {
+                (false, true) => added.push(layout::ANY_MEMBER.to_owned()),
+                (true, false) => removed.push(layout::ANY_MEMBER.to_owned()),
+                _ => {}
+            }
+            commands.serve_shard(&view.keys.commands, self.index, added, removed);
+        }
         let wanted: BTreeMap<u16, ()> = view.ports().map(|p| (p, ())).collect();
         let udp = view.config.udp;
         let mut to_bind = Vec::new();
@@ -741,6 +802,36 @@ impl TokenBucket {
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Held for map updates only; a poisoned map is still consistent.
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What changed between two sorted member lists: (added, removed), as IMEI strings. A linear
+/// merge: a shared pool's list can hold millions.
+fn member_changes(before: &[u64], after: &[u64]) -> (Vec<String>, Vec<String>) {
+    let name = |n: u64| trackgate_protocol::Imei::from_u64(n).map(|i| i.as_str().to_owned());
+    let (mut added, mut removed) = (Vec::new(), Vec::new());
+    let (mut b, mut a) = (before.iter().peekable(), after.iter().peekable());
+    loop {
+        match (b.peek(), a.peek()) {
+            (Some(&&x), Some(&&y)) if x == y => {
+                b.next();
+                a.next();
+            }
+            (Some(&&x), Some(&&y)) if x < y => {
+                removed.extend(name(x));
+                b.next();
+            }
+            (_, Some(&&y)) => {
+                added.extend(name(y));
+                a.next();
+            }
+            (Some(&&x), None) => {
+                removed.extend(name(x));
+                b.next();
+            }
+            (None, None) => break,
+        }
+    }
+    (added, removed)
 }
 
 #[cfg(test)]

@@ -13,8 +13,14 @@ use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 use trackgate_protocol::gt06::{Gt06EncodeError, Gt06Error, UtcOffset};
 use trackgate_protocol::{
-    AvlPacket, AvlRecord, Codec, EncodeError, Imei, encode_avl, encode_login,
+    AvlPacket, AvlRecord, Codec, EncodeError, FrameDecoder, FrameError, Imei, Limits, encode_avl,
+    encode_login,
 };
+
+use crate::commands::{Head, answer_commands, head};
+
+/// How long four zero bytes wait for the rest of a frame before they count as an ack of 0.
+const ZERO_ACK_WAIT: Duration = Duration::from_millis(50);
 
 use crate::stats::{AckedRecord, Stats, record_key};
 use crate::track::Track;
@@ -135,6 +141,9 @@ pub enum SessionError {
     /// A GT06 server reply that is not a valid frame.
     #[error("bad reply: {0}")]
     Reply(Gt06Error),
+    /// The server sent a frame that does not decode.
+    #[error("bad frame from the server: {0}")]
+    BadFrame(#[source] FrameError),
 }
 
 impl SessionError {
@@ -152,6 +161,7 @@ impl SessionError {
             SessionError::Io(_) => "io",
             SessionError::Encode(_) | SessionError::EncodeGt06(_) => "encode",
             SessionError::Reply(_) => "bad_reply",
+            SessionError::BadFrame(_) => "bad_frame",
         }
     }
 }
@@ -319,6 +329,8 @@ impl Device {
         }
         self.logged_in = true;
         let _connected = stats.connected_guard();
+        let mut commands = FrameDecoder::new(Limits::default());
+        let imei = self.imei;
         let mut last_write = Instant::now();
 
         loop {
@@ -343,10 +355,12 @@ impl Device {
                         if read? == 0 {
                             return Err(SessionError::Closed);
                         }
-                        // Unsolicited bytes (a command, which this simulator does not
-                        // answer) are dropped so they are never mistaken for an ack.
-                        stats.on_unsolicited(inbox.len());
-                        inbox.clear();
+                        answer_commands(&imei, &mut inbox, &mut commands, &mut wr).await?;
+                        if head(&inbox) == Head::Ack {
+                            // Anything else unsolicited is dropped, never mistaken for an ack.
+                            stats.on_unsolicited(inbox.len());
+                            inbox.clear();
+                        }
                     }
                 }
             }
@@ -364,9 +378,29 @@ impl Device {
             last_write = sent_at;
             stats.on_frame_sent();
 
-            match timeout(timeout_after, read_at_least(&mut rd, &mut inbox, 4)).await {
-                Err(_) => return Err(SessionError::AckTimeout(timeout_after)),
-                Ok(read) => read?,
+            // A command may arrive before the ack: it is answered, and the wait goes on.
+            let ack_by = sent_at + timeout_after;
+            loop {
+                answer_commands(&imei, &mut inbox, &mut commands, &mut wr).await?;
+                if head(&inbox) == Head::Ack {
+                    break;
+                }
+                // Four zero bytes and nothing after them: an ack of 0, not a frame.
+                let zero_ack = inbox.len() == 4;
+                let until = if zero_ack {
+                    ack_by.min(Instant::now() + ZERO_ACK_WAIT)
+                } else {
+                    ack_by
+                };
+                match tokio::time::timeout_at(until, rd.read_buf(&mut inbox)).await {
+                    Err(_) if zero_ack => break,
+                    Err(_) => return Err(SessionError::AckTimeout(timeout_after)),
+                    Ok(read) => {
+                        if read? == 0 {
+                            return Err(SessionError::Closed);
+                        }
+                    }
+                }
             }
             let ack = inbox.split_to(4);
             let got = u32::from_be_bytes([ack[0], ack[1], ack[2], ack[3]]);

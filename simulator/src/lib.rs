@@ -17,6 +17,7 @@
 //!                  └──▶ LoadOutcome { LoadReport, AckedLog } ──▶ verify(StreamLayout) ──▶ Verification
 //! ```
 
+pub mod commands;
 mod device;
 mod load;
 mod report;
