@@ -212,7 +212,8 @@ impl ShardView {
 
     /// Open admission: every well-formed IMEI is a member.
     pub(crate) fn admits_any(&self) -> bool {
-        self.config.mode == IdentificationMode::Shared && self.config.admission == AdmissionMode::Open
+        self.config.mode == IdentificationMode::Shared
+            && self.config.admission == AdmissionMode::Open
     }
 
     pub(crate) fn ports(&self) -> impl Iterator<Item = u16> + '_ {
