@@ -1,6 +1,7 @@
 //! Types shared by the trackgate operator and listener.
 //!
 //! - [`pool`]: the `TrackerPortPool` custom resource (spec, status, CEL rules).
+//! - [`annotations`]: annotations a user sets on a pool to ask the operator for something.
 //! - [`conditions`]: condition types and reasons of the pool status.
 //! - [`shard_config`]: the file the operator writes into each shard's ConfigMap and the
 //!   listener reads (and reloads) — the contract between control plane and data plane.
@@ -9,6 +10,7 @@
 //! only with its `derive` feature, for the `TrackerPortPool` custom resource.
 #![warn(missing_docs)]
 
+pub mod annotations;
 pub mod conditions;
 pub mod pool;
 pub mod shard_config;

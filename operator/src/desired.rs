@@ -1,21 +1,21 @@
 //! PURE: (pool, allocation) → the objects that should exist. No client, no clock.
 //!
-//! Per shard `n` of pool `p` (all named `p-shard-n`, owned by the pool):
-//! - a ConfigMap: `shard.json` (the listener's config) and `allocation.txt` (the persisted
-//!   allocation table, read back on the next reconcile);
+//! Per pool `p`: the allocation record ([`crate::record`], `p-allocation`), and per shard `n`
+//! (all named `p-shard-n`, owned by the pool):
+//! - a ConfigMap: `shard.json` (the listener's config) and `allocation.txt` (this shard's part
+//!   of the record, derived from it; never read back while the record exists);
 //! - a Deployment: the listener, its ConfigMap mounted at `/etc/trackgate/`. Device ports are
 //!   deliberately NOT listed as container ports, so adding a device only changes the ConfigMap
-//!   (which the listener reloads) and never rolls the pods;
+//!   (which the listener reloads) and never rolls the pods. What the listener cannot reload
+//!   (limits, Redis settings, UDP) is hashed into [`CONFIG_CHECKSUM_ANNOTATION`] on the pod
+//!   template, so changing it rolls the pods;
 //! - a Service of the exposure type (none for `HostNetwork`);
 //! - a PodDisruptionBudget of one unavailable replica.
 //!
-//! Every object carries a hash of its own content in an annotation; the controller skips the
-//! apply when the live object already carries the same hash, so an unchanged pool makes no
-//! writes at all.
+//! The controller compares each object with the live one field by field
+//! ([`crate::controller::apply::is_applied`]) and applies only what differs.
 
-use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashSet};
-use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -23,7 +23,6 @@ use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::{Resource, ResourceExt};
-use serde::Serialize;
 use serde_json::json;
 use trackgate_api::shard_config::{REDIS_URL_ENV, SHARD_CONFIG_FILE};
 use trackgate_api::{
@@ -31,6 +30,7 @@ use trackgate_api::{
 };
 
 use crate::allocate::{self, ALLOCATION_TABLE_FILE, Allocation, Layout, PoolDevice, Previous};
+use crate::record;
 
 /// Field manager of every server-side apply.
 pub const FIELD_MANAGER: &str = "trackgate-operator";
@@ -38,8 +38,10 @@ pub const FIELD_MANAGER: &str = "trackgate-operator";
 pub const POOL_LABEL: &str = "trackgate.dev/pool";
 /// Label naming the shard index on every child.
 pub const SHARD_LABEL: &str = "trackgate.dev/shard";
-/// Annotation holding the hash of the applied content.
-pub const HASH_ANNOTATION: &str = "trackgate.dev/applied-hash";
+/// Pod-template annotation: SHA-256 of the shard settings the listener cannot reload.
+pub const CONFIG_CHECKSUM_ANNOTATION: &str = "trackgate.dev/config-checksum";
+/// Largest ConfigMap `data` the API server accepts (keys + values): 1 MiB.
+pub const MAX_CONFIG_MAP_DATA: usize = 1 << 20;
 /// Listener admin port (`/metrics`, `/livez`, `/readyz`).
 pub const ADMIN_PORT: i32 = 9090;
 /// Where the shard ConfigMap is mounted.
@@ -222,6 +224,8 @@ pub fn plan_local<'a>(
 /// The children one pool should have.
 #[derive(Clone, Debug, Default)]
 pub struct Desired {
+    /// The allocation record (head first).
+    pub record: Vec<ConfigMap>,
     /// Per shard: config + allocation table.
     pub config_maps: Vec<ConfigMap>,
     /// Per shard: the listener.
@@ -235,7 +239,11 @@ pub struct Desired {
 impl Desired {
     /// Number of objects.
     pub fn len(&self) -> usize {
-        self.config_maps.len() + self.deployments.len() + self.services.len() + self.pdbs.len()
+        self.record.len()
+            + self.config_maps.len()
+            + self.deployments.len()
+            + self.services.len()
+            + self.pdbs.len()
     }
 
     /// Whether there is nothing to run.
@@ -261,8 +269,8 @@ pub fn selector_labels(pool: &str, index: u32) -> BTreeMap<String, String> {
     ])
 }
 
-/// The desired children of `pool` for `allocation`; `image` is the default listener image
-/// (the operator's own).
+/// The desired children of `pool` for `allocation` and its shard `configs` (both from
+/// [`plan_local`]); `image` is the default listener image (the operator's own).
 ///
 /// # Errors
 /// [`SpecError::Invalid`] when the pool has no uid (not read from the API server) or a built
@@ -270,6 +278,7 @@ pub fn selector_labels(pool: &str, index: u32) -> BTreeMap<String, String> {
 pub fn desired_objects(
     pool: &TrackerPortPool,
     allocation: &Allocation,
+    configs: Vec<ShardConfig>,
     image: &str,
 ) -> Result<Desired, SpecError> {
     let name = pool.name_any();
@@ -277,8 +286,12 @@ pub fn desired_objects(
         .controller_owner_ref(&())
         .ok_or_else(|| SpecError::Invalid("pool has no uid".to_owned()))?;
     let spec = &pool.spec;
-    let mut out = Desired::default();
-    for cfg in shard_configs(&name, spec, allocation) {
+    let mut out = Desired {
+        record: record::record_objects(&name, pool.namespace(), &owner, allocation),
+        ..Desired::default()
+    };
+    let checksum = config_checksum(spec);
+    for cfg in configs {
         let index = cfg.shard;
         let entries = allocation
             .shards
@@ -286,8 +299,13 @@ pub fn desired_objects(
             .map(Vec::as_slice)
             .unwrap_or_default();
         let meta = |kind: &str| meta(&name, pool.namespace(), index, &owner, kind);
-        let mut cm = ConfigMap {
-            metadata: meta("config"),
+        let mut cm_meta = meta("config");
+        cm_meta.annotations = Some(BTreeMap::from([(
+            record::RECORD_ANNOTATION.to_owned(),
+            record::record_name(&name, 0),
+        )]));
+        let cm = ConfigMap {
+            metadata: cm_meta,
             data: Some(BTreeMap::from([
                 (SHARD_CONFIG_FILE.to_owned(), cfg.to_json()),
                 (
@@ -297,10 +315,15 @@ pub fn desired_objects(
             ])),
             ..ConfigMap::default()
         };
-        stamp(&mut cm.metadata, &cm.data);
         out.config_maps.push(cm);
-        out.deployments
-            .push(deployment(meta("listener"), spec, &name, index, image)?);
+        out.deployments.push(deployment(
+            meta("listener"),
+            spec,
+            &name,
+            index,
+            image,
+            &checksum,
+        )?);
         if let Some(svc) = service(meta("listener"), spec, &name, &cfg)? {
             out.services.push(svc);
         }
@@ -340,7 +363,7 @@ fn meta(
     }
 }
 
-/// Builds a typed object from metadata and a JSON body, stamping the content hash.
+/// Builds a typed object from metadata and a JSON body.
 fn typed<K: serde::de::DeserializeOwned + Resource<DynamicType = ()>>(
     metadata: ObjectMeta,
     body: serde_json::Value,
@@ -348,40 +371,28 @@ fn typed<K: serde::de::DeserializeOwned + Resource<DynamicType = ()>>(
     let mut value = body;
     value["apiVersion"] = K::api_version(&()).into();
     value["kind"] = K::kind(&()).into();
-    let hash_input = value.to_string();
     let mut obj: K = serde_json::from_value(value)
         .map_err(|e| SpecError::Invalid(format!("building {}: {e}", K::kind(&()))))?;
     *obj.meta_mut() = metadata;
-    stamp(obj.meta_mut(), &hash_input);
     Ok(obj)
 }
 
-/// Writes the content hash (content + metadata) into the annotations.
-fn stamp(meta: &mut ObjectMeta, content: &impl Serialize) {
-    let mut h = DefaultHasher::new();
-    serde_json::to_string(content)
-        .unwrap_or_default()
-        .hash(&mut h);
-    serde_json::to_string(&meta.labels)
-        .unwrap_or_default()
-        .hash(&mut h);
-    serde_json::to_string(&meta.owner_references)
-        .unwrap_or_default()
-        .hash(&mut h);
-    serde_json::to_string(&meta.annotations)
-        .unwrap_or_default()
-        .hash(&mut h);
-    meta.annotations
-        .get_or_insert_with(BTreeMap::new)
-        .insert(HASH_ANNOTATION.to_owned(), format!("{:016x}", h.finish()));
+/// SHA-256 (hex) of the canonical JSON of the settings a listener reads only at start. serde
+/// writes struct fields in declaration order and maps sorted, so equal settings give equal
+/// bytes on every build.
+pub fn config_checksum(spec: &TrackerPortPoolSpec) -> String {
+    let settings = json!({"limits": spec.limits, "redis": spec.redis, "udp": spec.udp});
+    let digest = ring::digest::digest(&ring::digest::SHA256, settings.to_string().as_bytes());
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The content hash an object carries.
-pub fn applied_hash(meta: &ObjectMeta) -> Option<&str> {
-    meta.annotations
-        .as_ref()?
-        .get(HASH_ANNOTATION)
-        .map(String::as_str)
+/// Bytes of a ConfigMap's `data` as the API server counts them against its 1 MiB limit.
+pub fn config_map_data_bytes(cm: &ConfigMap) -> usize {
+    cm.data
+        .iter()
+        .flatten()
+        .map(|(k, v)| k.len() + v.len())
+        .sum()
 }
 
 fn deployment(
@@ -390,6 +401,7 @@ fn deployment(
     pool: &str,
     index: u32,
     image: &str,
+    checksum: &str,
 ) -> Result<Deployment, SpecError> {
     let selector = selector_labels(pool, index);
     let host_network = spec.exposure.type_ == ExposureType::HostNetwork;
@@ -485,7 +497,13 @@ fn deployment(
             "replicas": spec.sharding.replicas_per_shard,
             "selector": {"matchLabels": selector},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": rolling},
-            "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+            "template": {
+                "metadata": {
+                    "labels": pod_labels,
+                    "annotations": {CONFIG_CHECKSUM_ANNOTATION: checksum},
+                },
+                "spec": pod_spec,
+            },
         }}),
     )
 }
@@ -528,6 +546,11 @@ fn service(
     if kind == "LoadBalancer" && !spec.exposure.source_ranges.is_empty() {
         body["spec"]["loadBalancerSourceRanges"] = json!(spec.exposure.source_ranges);
     }
+    if kind == "LoadBalancer"
+        && let Some(allocate) = spec.exposure.allocate_load_balancer_node_ports
+    {
+        body["spec"]["allocateLoadBalancerNodePorts"] = json!(allocate);
+    }
     let mut meta = meta;
     if !spec.exposure.annotations.is_empty() {
         meta.annotations = Some(spec.exposure.annotations.clone());
@@ -556,6 +579,11 @@ mod tests {
     use super::*;
     use crate::fixtures::PoolBuilder;
 
+    fn objects(pool: &TrackerPortPool, a: &Allocation) -> Desired {
+        let configs = shard_configs(&pool.name_any(), &pool.spec, a);
+        desired_objects(pool, a, configs, "img").unwrap()
+    }
+
     #[test]
     fn one_set_of_children_per_shard_with_owner_and_labels() {
         let pool = PoolBuilder::dedicated(5000, 5099)
@@ -563,9 +591,10 @@ mod tests {
             .with_devices(25)
             .build();
         let a = crate::fixtures::allocate_for(&pool, &Previous::new());
-        let d = desired_objects(&pool, &a, "ghcr.io/trackgate/trackgate:1.0").unwrap();
+        let configs = shard_configs("fleet", &pool.spec, &a);
+        let d = desired_objects(&pool, &a, configs, "ghcr.io/trackgate/trackgate:1.0").unwrap();
         assert_eq!(d.config_maps.len(), 3);
-        assert_eq!(d.len(), 12);
+        assert_eq!(d.len(), 13, "a record and 4 objects per shard");
         let dep = &d.deployments[0];
         assert_eq!(dep.metadata.name.as_deref(), Some("fleet-shard-0"));
         assert_eq!(
@@ -617,37 +646,56 @@ mod tests {
         assert_eq!(cfg.ports.len(), 9);
     }
 
+    /// Limits the listener reads only at start roll the pods (through the checksum); a new
+    /// device never does.
     #[test]
-    fn hash_changes_only_with_content() {
+    fn pod_template_checksum_changes_with_restart_only_settings() {
         let pool = PoolBuilder::dedicated(5000, 5099)
             .ports_per_shard(10)
             .with_devices(15)
             .build();
         let a = crate::fixtures::allocate_for(&pool, &Previous::new());
-        let d1 = desired_objects(&pool, &a, "img").unwrap();
-        let d2 = desired_objects(&pool, &a, "img").unwrap();
+        let d1 = objects(&pool, &a);
         let more = PoolBuilder::dedicated(5000, 5099)
             .ports_per_shard(10)
             .with_devices(16)
             .build();
         let b = crate::fixtures::allocate_for(&more, &a.to_previous());
-        let d3 = desired_objects(&more, &b, "img").unwrap();
-        let h = |cm: &ConfigMap| applied_hash(&cm.metadata).unwrap().to_owned();
-        assert_eq!(h(&d1.config_maps[1]), h(&d2.config_maps[1]));
+        let d2 = objects(&more, &b);
+        let template = |d: &Desired| d.deployments[1].spec.clone().unwrap().template;
         assert_eq!(
-            h(&d1.config_maps[0]),
-            h(&d3.config_maps[0]),
-            "shard 0 untouched"
+            template(&d1),
+            template(&d2),
+            "a new device never rolls pods"
         );
-        assert_ne!(
-            h(&d1.config_maps[1]),
-            h(&d3.config_maps[1]),
-            "shard 1 gained a device"
+        let mut limited = pool.clone();
+        limited.spec.limits.max_connections += 1;
+        let d3 = objects(&limited, &a);
+        let sum = |d: &Desired| {
+            template(d).metadata.unwrap().annotations.unwrap()[CONFIG_CHECKSUM_ANNOTATION].clone()
+        };
+        assert_ne!(sum(&d1), sum(&d3));
+        assert_eq!(sum(&d1).len(), 64, "sha-256 hex");
+        // fixed input, fixed output: the checksum does not depend on the Rust release
+        assert_eq!(
+            config_checksum(&pool.spec),
+            config_checksum(&pool.clone().spec)
+        );
+    }
+
+    #[test]
+    fn record_and_shards_name_each_other() {
+        let pool = PoolBuilder::dedicated(5000, 5099).with_devices(3).build();
+        let a = crate::fixtures::allocate_for(&pool, &Previous::new());
+        let d = objects(&pool, &a);
+        assert_eq!(d.record.len(), 1);
+        assert_eq!(
+            d.record[0].metadata.name.as_deref(),
+            Some("fleet-allocation")
         );
         assert_eq!(
-            applied_hash(&d1.deployments[1].metadata),
-            applied_hash(&d3.deployments[1].metadata),
-            "a new device never changes the Deployment"
+            d.config_maps[0].metadata.annotations.as_ref().unwrap()[record::RECORD_ANNOTATION],
+            "fleet-allocation"
         );
     }
 
@@ -657,14 +705,14 @@ mod tests {
         pool.spec.exposure.type_ = ExposureType::NodePort;
         pool.spec.udp = true;
         let a = crate::fixtures::allocate_for(&pool, &Previous::new());
-        let d = desired_objects(&pool, &a, "img").unwrap();
+        let d = objects(&pool, &a);
         let ports = d.services[0].spec.as_ref().unwrap().ports.clone().unwrap();
         assert_eq!(ports.len(), 4);
         assert_eq!(ports[0].node_port, Some(31000));
         assert_eq!(ports[1].protocol.as_deref(), Some("UDP"));
 
         pool.spec.exposure.type_ = ExposureType::HostNetwork;
-        let d = desired_objects(&pool, &a, "img").unwrap();
+        let d = objects(&pool, &a);
         assert!(d.services.is_empty());
         let pod = d.deployments[0]
             .spec
