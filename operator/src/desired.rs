@@ -24,7 +24,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
-use trackgate_api::shard_config::{REDIS_URL_ENV, SHARD_CONFIG_FILE};
+use trackgate_api::shard_config::{DRAIN_DELAY_ENV, REDIS_URL_ENV, SHARD_CONFIG_FILE};
 use trackgate_api::{
     ExposureType, IdentificationMode, ShardConfig, TrackerPortPool, TrackerPortPoolSpec,
 };
@@ -49,6 +49,10 @@ pub const CONFIG_DIR: &str = "/etc/trackgate";
 /// Time a listener gets after SIGTERM: it stops accepting, finishes the packets in flight
 /// (each bounded by the Redis publish timeout) and closes. 45 s covers a slow Redis twice.
 pub const TERMINATION_GRACE: Duration = Duration::from_secs(45);
+/// After SIGTERM a listener fails `/readyz` but keeps accepting this long, so the load
+/// balancer's health checks (AWS NLB: 2 × 5 s at the fastest) take it out before its ports
+/// close; the pod's `terminationGracePeriodSeconds` is this plus [`TERMINATION_GRACE`].
+pub const DRAIN_DELAY: Duration = Duration::from_secs(15);
 /// Listeners an AWS Network Load Balancer accepts; past it the Service never gets an address.
 pub const NLB_LISTENER_LIMIT: usize = 50;
 
@@ -408,7 +412,7 @@ fn deployment(
     let low_ports = spec.ports.start < 1024;
     let probe = |path: &str, period: u32| json!({"httpGet": {"path": path, "port": "admin"}, "periodSeconds": period, "failureThreshold": 3});
     let mut pod_spec = json!({
-        "terminationGracePeriodSeconds": TERMINATION_GRACE.as_secs(),
+        "terminationGracePeriodSeconds": (DRAIN_DELAY + TERMINATION_GRACE).as_secs(),
         // the listener never talks to the API server
         "automountServiceAccountToken": false,
         "securityContext": {
@@ -426,6 +430,7 @@ fn deployment(
             "env": [
                 {"name": REDIS_URL_ENV, "valueFrom": {"secretKeyRef": {
                     "name": spec.redis.url_secret_ref.name, "key": spec.redis.url_secret_ref.key}}},
+                {"name": DRAIN_DELAY_ENV, "value": DRAIN_DELAY.as_secs().to_string()},
                 {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
                 {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
             ],
@@ -618,7 +623,12 @@ mod tests {
                 .name,
             "redis"
         );
-        assert_eq!(pod.termination_grace_period_seconds, Some(45));
+        assert_eq!(
+            pod.termination_grace_period_seconds,
+            Some(60),
+            "drain + grace"
+        );
+        assert_eq!(env[1].name, DRAIN_DELAY_ENV);
         let sc = c.security_context.as_ref().unwrap();
         assert_eq!(sc.allow_privilege_escalation, Some(false));
         assert_eq!(pod.topology_spread_constraints.as_ref().unwrap().len(), 2);

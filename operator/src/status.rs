@@ -455,6 +455,71 @@ mod tests {
         assert_eq!(cond(&s, "Degraded").status, "False");
     }
 
+    /// Ready must not be True mid-rollout: every replica ready but on the old template.
+    #[test]
+    fn ready_waits_for_the_rollout_and_failures_are_degraded() {
+        let pool = PoolBuilder::dedicated(5000, 5009).with_devices(2).build();
+        let a = allocate_for(&pool, &Previous::new());
+        let mut dep = ready_deployment("fleet-shard-0", 2);
+        dep.metadata.generation = Some(3);
+        dep.status.as_mut().unwrap().observed_generation = Some(2);
+        dep.status.as_mut().unwrap().updated_replicas = Some(2);
+        let deps = [dep];
+        let observed = Observed {
+            deployments: &deps,
+            services: &[],
+        };
+        let outcome = |failures| Outcome::Allocated {
+            allocation: &a,
+            max_listeners: 2,
+            failures,
+        };
+        let s = status_for(&pool, outcome(&[]), observed, &at(1));
+        assert_eq!(cond(&s, "ListenersAvailable").reason, "RolloutInProgress");
+        assert_eq!(cond(&s, "Ready").status, "False");
+        let mut done = deps.clone();
+        done[0].status.as_mut().unwrap().observed_generation = Some(3);
+        let observed = Observed {
+            deployments: &done,
+            services: &[],
+        };
+        let s = status_for(&pool, outcome(&[]), observed, &at(1));
+        assert_eq!(cond(&s, "Ready").status, "True");
+
+        let failures: Vec<Failure> = (0..5)
+            .map(|n| Failure {
+                reason: reasons::NODE_PORT_IN_USE,
+                object: format!("Service fleet-shard-{n}"),
+                message: "node ports 30152 (held by Service a/b) are taken".into(),
+            })
+            .collect();
+        let s = status_for(&pool, outcome(&failures), observed, &at(1));
+        let d = cond(&s, "Degraded");
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "NodePortInUse")
+        );
+        assert!(
+            d.message
+                .starts_with("5 object(s) not applied: Service fleet-shard-0: node ports"),
+            "{}",
+            d.message
+        );
+        assert!(d.message.ends_with("and 2 more"), "{}", d.message);
+        assert_eq!(cond(&s, "Ready").status, "False");
+    }
+
+    /// A spec error or a lost record keeps every condition, the unknown ones as Unknown.
+    #[test]
+    fn conditions_never_vanish() {
+        let pool = PoolBuilder::dedicated(5000, 5009).with_devices(2).build();
+        let err = SpecError::Invalid("nope".into());
+        let s = status_for(&pool, Outcome::Invalid(&err), Observed::default(), &at(1));
+        assert_eq!(s.conditions.len(), 5);
+        assert_eq!(cond(&s, "PortsAllocated").status, "Unknown");
+        assert_eq!(cond(&s, "ListenersAvailable").status, "Unknown");
+    }
+
     #[test]
     fn full_range_reports_unallocated_devices() {
         let pool = PoolBuilder::dedicated(5000, 5004).with_devices(8).build();

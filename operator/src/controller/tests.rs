@@ -820,3 +820,72 @@ fn backoff_grows_with_jitter_and_is_capped() {
     assert!(d3 >= BACKOFF_BASE * 4, "{d3:?}");
     assert!(backoff(40, "fleet") <= BACKOFF_MAX.mul_f64(1.25));
 }
+
+/// Figures for docs/benchmarks.md, not a check: a 10,000- and a 50,000-device dedicated
+/// LoadBalancer pool through the pure planning and the fake API server (first reconcile, an
+/// unchanged resync, one shard ConfigMap deleted). Run with
+/// `cargo nextest run --release -p trackgate-operator --run-ignored only -E 'test(measure_)' --no-capture`.
+#[tokio::test]
+#[ignore = "a measurement; prints figures"]
+async fn measure_large_dedicated_pools() {
+    for n in [10_000u64, 50_000] {
+        let mut pool = PoolBuilder::dedicated(10000, 10000 + n as u16 - 1)
+            .ports_per_shard(50)
+            .with_devices(n)
+            .build();
+        pool.spec.exposure.allocate_load_balancer_node_ports = Some(false);
+        let s = Scenario::new(&pool);
+        let t = std::time::Instant::now();
+        let (allocation, desired) =
+            plan(&s.pool(), &BTreeMap::new(), &Previous::new(), "img").unwrap();
+        let plan_time = t.elapsed();
+        let bytes: usize = desired
+            .record
+            .iter()
+            .chain(&desired.config_maps)
+            .map(|o| serde_json::to_vec(o).unwrap().len())
+            .sum::<usize>()
+            + desired
+                .deployments
+                .iter()
+                .map(|o| serde_json::to_vec(o).unwrap().len())
+                .sum::<usize>()
+            + desired
+                .services
+                .iter()
+                .map(|o| serde_json::to_vec(o).unwrap().len())
+                .sum::<usize>()
+            + desired
+                .pdbs
+                .iter()
+                .map(|o| serde_json::to_vec(o).unwrap().len())
+                .sum::<usize>();
+        let record_bytes: Vec<usize> = desired
+            .record
+            .iter()
+            .map(|o| serde_json::to_vec(o).unwrap().len())
+            .collect();
+        let t = std::time::Instant::now();
+        let (_, writes) = s.reconcile().await;
+        let first = t.elapsed();
+        assert_eq!(cond(&s.status(), "Degraded").0, "False");
+        let t = std::time::Instant::now();
+        let (_, steady_writes) = s.reconcile().await;
+        let steady = t.elapsed();
+        s.fake.remove(&format!("{CMS}/fleet-shard-7"));
+        let t = std::time::Instant::now();
+        let (_, heal_writes) = s.reconcile().await;
+        let heal = t.elapsed();
+        println!(
+            "{n} devices: {} shards, {} objects, {:.1} MB JSON, record parts {record_bytes:?} bytes; \
+             plan {plan_time:?}; first reconcile {first:?} ({} writes); unchanged resync {steady:?} \
+             ({} writes); one shard ConfigMap deleted {heal:?} ({} writes)",
+            allocation.shards.len(),
+            desired.len(),
+            bytes as f64 / 1e6,
+            writes.len(),
+            steady_writes.len(),
+            heal_writes.len(),
+        );
+    }
+}
