@@ -321,11 +321,7 @@ async fn record_events(
         _ => {}
     }
     if let (Ok(rec), Outcome::Allocated { failures, .. }) = (recovered, outcome) {
-        let record_written = !failures.iter().any(|f| {
-            f.object
-                .strip_prefix("ConfigMap ")
-                .is_some_and(|n| record::is_record_name(&pool.name_any(), n))
-        });
+        let record_written = !failures.iter().any(|f| f.is_record(&pool.name_any()));
         match rec.origin {
             Origin::Adopted if record_written => events.push(event(
                 EventType::Normal,

@@ -26,6 +26,16 @@ pub struct Failure {
     pub message: String,
 }
 
+impl Failure {
+    /// Whether the failed write was a part of `pool`'s allocation record: then nothing of the
+    /// new allocation may be reported (or served) yet.
+    pub fn is_record(&self, pool: &str) -> bool {
+        self.object
+            .strip_prefix("ConfigMap ")
+            .is_some_and(|name| crate::record::is_record_name(pool, name))
+    }
+}
+
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}: {}", self.object, self.message)
@@ -128,17 +138,21 @@ pub fn status_for(
         } => {
             let layout = Layout::from_spec(&pool.spec);
             let allocated = allocation.allocated();
-            new.devices = count(allocated + allocation.unallocated.len());
-            new.allocated = count(allocated);
-            new.unallocated = count(allocation.unallocated.len());
-            new.free_ports = allocation.free_ports;
-            new.shards = allocation
-                .shards
-                .iter()
-                .map(|(&index, entries)| {
-                    shard_status(pool, &layout, index, entries.len(), observed)
-                })
-                .collect();
+            // an allocation the record does not hold is not reported: the next reconcile must
+            // not take these counts for the history of a pool whose record was lost
+            if !failures.iter().any(|f| f.is_record(&pool.name_any())) {
+                new.devices = count(allocated + allocation.unallocated.len());
+                new.allocated = count(allocated);
+                new.unallocated = count(allocation.unallocated.len());
+                new.free_ports = allocation.free_ports;
+                new.shards = allocation
+                    .shards
+                    .iter()
+                    .map(|(&index, entries)| {
+                        shard_status(pool, &layout, index, entries.len(), observed)
+                    })
+                    .collect();
+            }
             let replicas = i32::from(pool.spec.sharding.replicas_per_shard);
             let rolled_out = allocation
                 .shards

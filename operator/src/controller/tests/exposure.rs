@@ -170,6 +170,24 @@ async fn a_forbidden_write_is_in_the_status_and_retried_with_backoff() {
     assert_eq!(cond(&s.status(), "Degraded").0, "False");
 }
 
+/// A first reconcile whose record write is refused reports no allocation, so the next one
+/// does not take the pool for one whose record was lost.
+#[tokio::test]
+async fn a_refused_first_record_write_is_not_taken_for_a_lost_record() {
+    let pool = PoolBuilder::dedicated(5000, 5099).with_devices(3).build();
+    let s = Scenario::new(&pool);
+    s.fake.refuse("/configmaps", 403, "configmaps is forbidden");
+    s.reconcile().await;
+    let st = s.status();
+    assert_eq!(cond(&st, "Degraded"), ("True".into(), "Forbidden".into()));
+    assert_eq!(st.allocated, 0);
+    s.fake.allow_all();
+    s.reconcile().await;
+    let st = s.status();
+    assert_eq!(cond(&st, "Degraded").0, "False", "{:?}", st.conditions);
+    assert_eq!(st.allocated, 3);
+}
+
 /// A shard ConfigMap over the 1 MiB limit is not sent; the status says which and what to lower.
 #[tokio::test]
 async fn a_shard_config_map_over_one_mib_is_refused_with_a_reason() {
