@@ -54,8 +54,10 @@ use crate::record::{self, Evidence, Origin};
 use crate::status::{self, Failure, Outcome};
 
 pub mod apply;
+pub mod node_ports;
 
-use apply::{Children, NodePortRange};
+use apply::Children;
+use node_ports::NodePortRange;
 
 /// How often a healthy pool is looked at again with no event: drift in an unwatched field and
 /// a record restored without its owner reference are repaired within this.
