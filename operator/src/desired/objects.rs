@@ -69,7 +69,7 @@ pub fn selector_labels(pool: &str, index: u32) -> BTreeMap<String, String> {
 }
 
 /// The desired children of `pool` for `allocation` and its shard `configs` (both from
-/// [`plan_local`]); `image` is the default listener image (the operator's own).
+/// [`super::plan_local`]); `image` is the default listener image (the operator's own).
 ///
 /// # Errors
 /// [`SpecError::Invalid`] when the pool has no uid (not read from the API server) or a built
