@@ -224,7 +224,7 @@ pub struct Exposure {
     /// LoadBalancer only: whether each Service port also takes a node port
     /// (`spec.allocateLoadBalancerNodePorts`). Unset keeps the Kubernetes default (true), which
     /// an instance-target load balancer needs. `false` is what IP-target load balancers use
-    /// (AWS NLB with `ip` targets, GKE container-native, MetalLB) and what a dedicated pool
+    /// (AWS NLB with `ip` targets, MetalLB; see docs/operations.md) and what a dedicated pool
     /// larger than the node-port range (2,768 ports by default) needs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allocate_load_balancer_node_ports: Option<bool>,
