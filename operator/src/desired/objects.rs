@@ -4,9 +4,10 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use trackgate_api::shard_config::{DRAIN_DELAY_ENV, REDIS_URL_ENV, SHARD_CONFIG_FILE};
@@ -123,16 +124,10 @@ pub fn desired_objects(
             image,
             &checksum,
         )?);
-        if let Some(svc) = service(meta("listener"), spec, &name, &cfg)? {
+        if let Some(svc) = service(meta("listener"), spec, &name, &cfg) {
             out.services.push(svc);
         }
-        out.pdbs.push(typed(
-            meta("listener"),
-            json!({"spec": {
-                "maxUnavailable": 1,
-                "selector": {"matchLabels": selector_labels(&name, index)},
-            }}),
-        )?);
+        out.pdbs.push(pdb(meta("listener"), &name, index));
     }
     Ok(out)
 }
@@ -313,49 +308,67 @@ fn service(
     spec: &TrackerPortPoolSpec,
     pool: &str,
     cfg: &ShardConfig,
-) -> Result<Option<Service>, SpecError> {
+) -> Option<Service> {
     let kind = match spec.exposure.type_ {
-        ExposureType::HostNetwork => return Ok(None),
+        ExposureType::HostNetwork => return None,
         ExposureType::LoadBalancer => "LoadBalancer",
         ExposureType::NodePort => "NodePort",
     };
+    let load_balancer = spec.exposure.type_ == ExposureType::LoadBalancer;
     let node_port = spec.exposure.type_ == ExposureType::NodePort;
     let protocols: &[&str] = if spec.udp { &["TCP", "UDP"] } else { &["TCP"] };
-    let ports: Vec<_> = cfg
+    let ports = cfg
         .ports
         .iter()
         .flat_map(|b| {
-            protocols.iter().map(move |proto| {
-                let mut p = json!({
-                    "name": format!("{}-{}", proto.to_ascii_lowercase(), b.port),
-                    "port": b.port, "targetPort": b.port, "protocol": proto,
-                });
-                if node_port {
-                    p["nodePort"] = json!(b.port);
-                }
-                p
+            protocols.iter().map(move |proto| ServicePort {
+                name: Some(format!("{}-{}", proto.to_ascii_lowercase(), b.port)),
+                port: i32::from(b.port),
+                target_port: Some(IntOrString::Int(i32::from(b.port))),
+                protocol: Some((*proto).to_owned()),
+                node_port: node_port.then_some(i32::from(b.port)),
+                ..ServicePort::default()
             })
         })
         .collect();
-    let mut body = json!({"spec": {
-        "type": kind,
-        "selector": selector_labels(pool, cfg.shard),
-        "ports": ports,
-        "externalTrafficPolicy": spec.exposure.external_traffic_policy.as_str(),
-    }});
-    if kind == "LoadBalancer" && !spec.exposure.source_ranges.is_empty() {
-        body["spec"]["loadBalancerSourceRanges"] = json!(spec.exposure.source_ranges);
-    }
-    if kind == "LoadBalancer"
-        && let Some(allocate) = spec.exposure.allocate_load_balancer_node_ports
-    {
-        body["spec"]["allocateLoadBalancerNodePorts"] = json!(allocate);
-    }
     let mut meta = meta;
     if !spec.exposure.annotations.is_empty() {
         meta.annotations = Some(spec.exposure.annotations.clone());
     }
-    typed(meta, body).map(Some)
+    Some(Service {
+        metadata: meta,
+        spec: Some(ServiceSpec {
+            type_: Some(kind.to_owned()),
+            selector: Some(selector_labels(pool, cfg.shard)),
+            ports: Some(ports),
+            external_traffic_policy: Some(
+                spec.exposure.external_traffic_policy.as_str().to_owned(),
+            ),
+            load_balancer_source_ranges: (load_balancer && !spec.exposure.source_ranges.is_empty())
+                .then(|| spec.exposure.source_ranges.clone()),
+            allocate_load_balancer_node_ports: spec
+                .exposure
+                .allocate_load_balancer_node_ports
+                .filter(|_| load_balancer),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    })
+}
+
+fn pdb(meta: ObjectMeta, pool: &str, index: u32) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: meta,
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(pool, index)),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    }
 }
 
 /// Number of load-balancer listeners (port × protocol) of the largest shard Service.
