@@ -3,8 +3,15 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{
+    Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar,
+    EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodAffinityTerm, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, SecurityContext, Service,
+    ServicePort, ServiceSpec, TopologySpreadConstraint, Volume, VolumeMount,
+};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -123,7 +130,7 @@ pub fn desired_objects(
             index,
             image,
             &checksum,
-        )?);
+        ));
         if let Some(svc) = service(meta("listener"), spec, &name, &cfg) {
             out.services.push(svc);
         }
@@ -157,20 +164,6 @@ fn meta(
     }
 }
 
-/// Builds a typed object from metadata and a JSON body.
-fn typed<K: serde::de::DeserializeOwned + Resource<DynamicType = ()>>(
-    metadata: ObjectMeta,
-    body: serde_json::Value,
-) -> Result<K, SpecError> {
-    let mut value = body;
-    value["apiVersion"] = K::api_version(&()).into();
-    value["kind"] = K::kind(&()).into();
-    let mut obj: K = serde_json::from_value(value)
-        .map_err(|e| SpecError::Invalid(format!("building {}: {e}", K::kind(&()))))?;
-    *obj.meta_mut() = metadata;
-    Ok(obj)
-}
-
 /// SHA-256 (hex) of the canonical JSON of the settings a listener reads only at start. serde
 /// writes struct fields in declaration order and maps sorted, so equal settings give equal
 /// bytes on every build.
@@ -196,111 +189,188 @@ fn deployment(
     index: u32,
     image: &str,
     checksum: &str,
-) -> Result<Deployment, SpecError> {
+) -> Deployment {
     let selector = selector_labels(pool, index);
+    let match_selector = || LabelSelector {
+        match_labels: Some(selector.clone()),
+        ..LabelSelector::default()
+    };
     let host_network = spec.exposure.type_ == ExposureType::HostNetwork;
     let low_ports = spec.ports.start < 1024;
-    let probe = |path: &str, period: u32| json!({"httpGet": {"path": path, "port": "admin"}, "periodSeconds": period, "failureThreshold": 3});
-    let mut pod_spec = json!({
-        "terminationGracePeriodSeconds": (DRAIN_DELAY + TERMINATION_GRACE).as_secs(),
-        // the listener never talks to the API server
-        "automountServiceAccountToken": false,
-        "securityContext": {
-            "runAsNonRoot": true,
-            "runAsUser": 65532,
-            "runAsGroup": 65532,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "containers": [{
-            "name": "listener",
-            "image": spec.listener.image.as_deref().unwrap_or(image),
-            "args": ["listen", "--config", format!("{CONFIG_DIR}/{SHARD_CONFIG_FILE}"),
-                     "--admin-addr", format!("0.0.0.0:{ADMIN_PORT}")],
-            "ports": [{"name": "admin", "containerPort": ADMIN_PORT, "protocol": "TCP"}],
-            "env": [
-                {"name": REDIS_URL_ENV, "valueFrom": {"secretKeyRef": {
-                    "name": spec.redis.url_secret_ref.name, "key": spec.redis.url_secret_ref.key}}},
-                {"name": DRAIN_DELAY_ENV, "value": DRAIN_DELAY.as_secs().to_string()},
-                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-                {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-            ],
-            "livenessProbe": probe("/livez", 10),
-            "readinessProbe": probe("/readyz", 5),
-            "securityContext": {
-                "allowPrivilegeEscalation": false,
-                "readOnlyRootFilesystem": true,
-                // ports below 1024 need the one capability the restricted profile allows
-                "capabilities": if low_ports {
-                    json!({"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]})
-                } else {
-                    json!({"drop": ["ALL"]})
-                },
+    let probe = |path: &str, period: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String("admin".to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(3),
+        ..Probe::default()
+    };
+    let field_env = |name: &str, path: &str| EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.to_owned(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    };
+    let container = Container {
+        name: "listener".to_owned(),
+        image: Some(spec.listener.image.as_deref().unwrap_or(image).to_owned()),
+        image_pull_policy: spec.listener.image_pull_policy.clone(),
+        args: Some(vec![
+            "listen".to_owned(),
+            "--config".to_owned(),
+            format!("{CONFIG_DIR}/{SHARD_CONFIG_FILE}"),
+            "--admin-addr".to_owned(),
+            format!("0.0.0.0:{ADMIN_PORT}"),
+        ]),
+        ports: Some(vec![ContainerPort {
+            name: Some("admin".to_owned()),
+            container_port: ADMIN_PORT,
+            protocol: Some("TCP".to_owned()),
+            ..ContainerPort::default()
+        }]),
+        env: Some(vec![
+            EnvVar {
+                name: REDIS_URL_ENV.to_owned(),
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: spec.redis.url_secret_ref.name.clone(),
+                        key: spec.redis.url_secret_ref.key.clone(),
+                        ..SecretKeySelector::default()
+                    }),
+                    ..EnvVarSource::default()
+                }),
+                ..EnvVar::default()
             },
-            "volumeMounts": [{"name": "shard-config", "mountPath": CONFIG_DIR, "readOnly": true}],
-        }],
-        "volumes": [{"name": "shard-config", "configMap": {"name": shard_name(pool, index)}}],
-        "topologySpreadConstraints": [
-            {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
-             "whenUnsatisfiable": "ScheduleAnyway", "labelSelector": {"matchLabels": selector}},
-            {"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
-             "whenUnsatisfiable": "ScheduleAnyway", "labelSelector": {"matchLabels": selector}},
-        ],
-    });
-    let container = &mut pod_spec["containers"][0];
-    if let Some(policy) = &spec.listener.image_pull_policy {
-        container["imagePullPolicy"] = json!(policy);
-    }
-    if let Some(resources) = &spec.listener.resources {
-        container["resources"] = json!(resources);
-    }
-    if !spec.listener.node_selector.is_empty() {
-        pod_spec["nodeSelector"] = json!(spec.listener.node_selector);
-    }
-    if !spec.listener.tolerations.is_empty() {
-        pod_spec["tolerations"] = json!(spec.listener.tolerations);
-    }
-    if let Some(class) = &spec.listener.priority_class_name {
-        pod_spec["priorityClassName"] = json!(class);
-    }
-    let mut affinity = json!(spec.listener.affinity.clone().unwrap_or_default());
+            EnvVar {
+                name: DRAIN_DELAY_ENV.to_owned(),
+                value: Some(DRAIN_DELAY.as_secs().to_string()),
+                ..EnvVar::default()
+            },
+            field_env("POD_NAME", "metadata.name"),
+            field_env("POD_NAMESPACE", "metadata.namespace"),
+        ]),
+        liveness_probe: Some(probe("/livez", 10)),
+        readiness_probe: Some(probe("/readyz", 5)),
+        resources: spec.listener.resources.clone(),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                // ports below 1024 need the one capability the restricted profile allows
+                add: low_ports.then(|| vec!["NET_BIND_SERVICE".to_owned()]),
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "shard-config".to_owned(),
+            mount_path: CONFIG_DIR.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        }]),
+        ..Container::default()
+    };
+    let spread = |key: &str| TopologySpreadConstraint {
+        max_skew: 1,
+        topology_key: key.to_owned(),
+        when_unsatisfiable: "ScheduleAnyway".to_owned(),
+        label_selector: Some(match_selector()),
+        ..TopologySpreadConstraint::default()
+    };
+    let mut affinity = spec.listener.affinity.clone().unwrap_or_default();
     if host_network {
-        pod_spec["hostNetwork"] = json!(true);
-        pod_spec["dnsPolicy"] = json!("ClusterFirstWithHostNet");
         // two replicas of a shard on one node would bind the same ports
-        affinity["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"] = json!([
-            {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": selector}}
-        ]);
+        affinity
+            .pod_anti_affinity
+            .get_or_insert_default()
+            .required_during_scheduling_ignored_during_execution = Some(vec![PodAffinityTerm {
+            topology_key: "kubernetes.io/hostname".to_owned(),
+            label_selector: Some(match_selector()),
+            ..PodAffinityTerm::default()
+        }]);
     }
-    if affinity.as_object().is_some_and(|a| !a.is_empty()) {
-        pod_spec["affinity"] = affinity;
-    }
+    let pod_spec = PodSpec {
+        termination_grace_period_seconds: i64::try_from(
+            (DRAIN_DELAY + TERMINATION_GRACE).as_secs(),
+        )
+        .ok(),
+        // the listener never talks to the API server
+        automount_service_account_token: Some(false),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(65532),
+            run_as_group: Some(65532),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".to_owned(),
+                ..SeccompProfile::default()
+            }),
+            ..PodSecurityContext::default()
+        }),
+        containers: vec![container],
+        volumes: Some(vec![Volume {
+            name: "shard-config".to_owned(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: shard_name(pool, index),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        }]),
+        topology_spread_constraints: Some(vec![
+            spread("topology.kubernetes.io/zone"),
+            spread("kubernetes.io/hostname"),
+        ]),
+        node_selector: (!spec.listener.node_selector.is_empty())
+            .then(|| spec.listener.node_selector.clone()),
+        tolerations: (!spec.listener.tolerations.is_empty())
+            .then(|| spec.listener.tolerations.clone()),
+        priority_class_name: spec.listener.priority_class_name.clone(),
+        host_network: host_network.then_some(true),
+        dns_policy: host_network.then(|| "ClusterFirstWithHostNet".to_owned()),
+        affinity: (affinity != Affinity::default()).then_some(affinity),
+        ..PodSpec::default()
+    };
     // Surge first so a shard never loses a replica during a rollout; with hostNetwork a surge
     // pod would need a node without a replica (anti-affinity), so replace in place instead.
-    let rolling = if host_network {
-        json!({"maxUnavailable": 1, "maxSurge": 0})
-    } else {
-        json!({"maxUnavailable": 0, "maxSurge": 1})
-    };
+    let (unavailable, surge) = if host_network { (1, 0) } else { (0, 1) };
     let mut pod_labels = selector.clone();
     pod_labels.insert(
         "app.kubernetes.io/component".to_owned(),
         "listener".to_owned(),
     );
-    typed(
-        meta,
-        json!({"spec": {
-            "replicas": spec.sharding.replicas_per_shard,
-            "selector": {"matchLabels": selector},
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": rolling},
-            "template": {
-                "metadata": {
-                    "labels": pod_labels,
-                    "annotations": {CONFIG_CHECKSUM_ANNOTATION: checksum},
-                },
-                "spec": pod_spec,
+    Deployment {
+        metadata: meta,
+        spec: Some(DeploymentSpec {
+            replicas: Some(i32::from(spec.sharding.replicas_per_shard)),
+            selector: match_selector(),
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".to_owned()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_unavailable: Some(IntOrString::Int(unavailable)),
+                    max_surge: Some(IntOrString::Int(surge)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(BTreeMap::from([(
+                        CONFIG_CHECKSUM_ANNOTATION.to_owned(),
+                        checksum.to_owned(),
+                    )])),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod_spec),
             },
-        }}),
-    )
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
 }
 
 fn service(
