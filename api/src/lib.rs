@@ -3,8 +3,10 @@
 //! - [`pool`]: the `TrackerPortPool` custom resource (spec, status, CEL rules).
 //! - [`annotations`]: annotations a user sets on a pool to ask the operator for something.
 //! - [`conditions`]: condition types and reasons of the pool status.
+//! - [`imei_list`]: the `devicesFrom` IMEI list format and the compact set listeners admit from.
 //! - [`shard_config`]: the file the operator writes into each shard's ConfigMap and the
 //!   listener reads (and reloads) — the contract between control plane and data plane.
+//! - [`redis_layout`]: Redis key names and fields (this branch: the command keys).
 //!
 //! This crate does no IO: no sockets, no files, no Kubernetes client. `kube` may appear here
 //! only with its `derive` feature, for the `TrackerPortPool` custom resource.
@@ -12,12 +14,16 @@
 
 pub mod annotations;
 pub mod conditions;
+pub mod imei_list;
 pub mod pool;
+pub mod redis_layout;
 pub mod shard_config;
 
 pub use pool::{
     Device, DeviceSource, Exposure, ExposureType, ExternalTrafficPolicy, ListenerPod, PortRange,
-    Protocol, RedisSpec, SecretKeyRef, ShardStatus, Sharding, TrackerPortPool, TrackerPortPoolSpec,
-    TrackerPortPoolStatus,
+    Protocol, RedisSpec, Scaling, SecretKeyRef, ShardStatus, Sharding, TrackerPortPool,
+    TrackerPortPoolSpec, TrackerPortPoolStatus,
 };
-pub use shard_config::{IdentificationMode, ListenerLimits, PortBinding, RedisSink, ShardConfig};
+pub use shard_config::{
+    AdmissionMode, IdentificationMode, ListenerLimits, PortBinding, RedisSink, ShardConfig,
+};

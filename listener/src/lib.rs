@@ -15,9 +15,11 @@
 //! protocol parsing (that is `trackgate-protocol`), no Kubernetes client.
 //!
 //! Module map: `server` (accept loops, limits, reload, shutdown), `session` (one device),
-//! `udp`, `sink` (the only module that knows Redis), `config`, `metrics`, [`keys`].
+//! `udp`, `sink` (the data path's Redis), `command` (commands to devices, with their own Redis
+//! connections), `config`, `metrics`, [`keys`].
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+mod command;
 mod config;
 mod error;
 pub mod keys;
@@ -38,7 +40,10 @@ use trackgate_telemetry::Health;
 pub use config::load as load_shard_config;
 pub use error::{CloseReason, PublishError, StartError};
 pub use metrics::{METRIC_NAMES, Metrics};
-pub use server::{BoundPort, DEFAULT_REDIS_URL, Listener, ListenerOptions, ShardSource};
+pub use server::{
+    BoundPort, COMMAND_RESPONSE_TIMEOUT_ENV, DEFAULT_REDIS_URL, Listener, ListenerOptions,
+    ShardSource,
+};
 pub use sink::MAX_BATCH_CALLS;
 
 /// `trackgate listen`: sets up logging, then [`serve`]s one shard config file.

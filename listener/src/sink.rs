@@ -1,4 +1,5 @@
-//! The Redis Streams publisher — the only module that knows Redis.
+//! The Redis Streams publisher — with `command::store` (the command path's own connections),
+//! the only module that knows Redis.
 //!
 //! ```text
 //!  session ─┐ StoreCall + oneshot        ┌─ EVALSHA store_readings (one per frame) ─┐
@@ -38,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 use trackgate_protocol::{AvlRecord, Codec, Imei};
 use trackgate_telemetry::{Health, Heartbeat};
 
+use crate::command::PoolKeys;
 use crate::error::{PublishError, StartError};
 use crate::keys;
 use crate::metrics::Metrics;
@@ -111,6 +113,8 @@ pub(crate) struct ShardKeys {
     pub(crate) pool: String,
     pub(crate) partitions: u32,
     pub(crate) max_len: u64,
+    /// The pool's command keys.
+    pub(crate) commands: Arc<PoolKeys>,
 }
 
 impl ShardKeys {
@@ -120,6 +124,11 @@ impl ShardKeys {
             pool: config.pool.clone(),
             partitions: config.redis.partitions,
             max_len: config.redis.max_len,
+            commands: Arc::new(PoolKeys::new(
+                &config.redis.stream_prefix,
+                &config.pool,
+                config.redis.max_len,
+            )),
         }
     }
 }

@@ -42,15 +42,16 @@ use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{Instrument, info, info_span, warn};
-use trackgate_api::TrackerPortPool;
 use trackgate_api::annotations::REALLOCATE;
 use trackgate_api::conditions::{self, reasons};
+use trackgate_api::{IdentificationMode, TrackerPortPool};
 
 use crate::allocate::{Allocation, Previous, Unallocated};
 use crate::desired::{self, Desired, FIELD_MANAGER, POOL_LABEL, SpecError};
 use crate::error::Error;
 use crate::metrics::{CONTROLLER, Metrics};
 use crate::record::{self, Evidence, Origin};
+use crate::shared;
 use crate::status::{self, Failure, Outcome};
 
 pub mod apply;
@@ -128,6 +129,11 @@ pub async fn reconcile(pool: Arc<TrackerPortPool>, ctx: Arc<Context>) -> Result<
     let span = info_span!("reconcile", pool = %name, namespace = %ns);
     async {
         let children = Children::fetch(&ctx.client, &ns, &pool).await?;
+        if pool.spec.mode == IdentificationMode::Shared {
+            // one Deployment and Service for the whole fleet: no ports to allocate, no record
+            let sources = fetch_sources(&ctx.client, &ns, &pool).await?;
+            return reconcile_shared(&pool, &ctx, &ns, &children, &sources).await;
+        }
         let recovered = record::recover(Evidence {
             pool: &name,
             record: &children.record,
@@ -168,16 +174,7 @@ pub async fn reconcile(pool: Arc<TrackerPortPool>, ctx: Arc<Context>) -> Result<
         };
         let new = status::status_for(&pool, outcome, children.observed(), &Time(Timestamp::now()));
         if status::is_changed(&pool, &new) {
-            let api: Api<TrackerPortPool> = Api::namespaced(ctx.client.clone(), &ns);
-            // apply, not merge: a field we stop setting (the last shard gone) is removed too
-            let patch = Patch::Apply(json!({
-                "apiVersion": TrackerPortPool::api_version(&()),
-                "kind": TrackerPortPool::kind(&()),
-                "status": new,
-            }));
-            let params = PatchParams::apply(FIELD_MANAGER).force();
-            api.patch_status(&name, &params, &patch).await?;
-            ctx.metrics.writes.with_label_values(&["status"]).inc();
+            patch_status(&ctx, &ns, &pool, &new).await?;
         }
         let degraded_changed = degraded(&pool.status) != degraded(&Some(new.clone()));
         record_events(&ctx, &pool, &recovered, outcome, degraded_changed).await;
@@ -207,6 +204,87 @@ fn degraded(status: &Option<trackgate_api::TrackerPortPoolStatus>) -> Option<(St
         .iter()
         .find(|c| c.type_ == conditions::DEGRADED && c.status == "True")
         .map(|c| (c.reason.clone(), c.message.clone()))
+}
+
+/// The shared-pool reconcile: plan (pure), apply what differs, write the status on every
+/// outcome, one Warning Event per distinct failure.
+async fn reconcile_shared(
+    pool: &TrackerPortPool,
+    ctx: &Context,
+    ns: &str,
+    children: &Children,
+    sources: &BTreeMap<(String, String), String>,
+) -> Result<Action, Error> {
+    let name = pool.name_any();
+    let live = shared::live_replicas(pool, &children.deployments);
+    let planned = shared::plan(pool, sources, live, &ctx.image);
+    let mut failures = Vec::new();
+    if let Ok((_, desired)) = &planned {
+        let cluster_services = if apply::takes_node_ports(&pool.spec) {
+            Api::<Service>::all(ctx.client.clone())
+                .list(&ListParams::default())
+                .await?
+                .items
+        } else {
+            Vec::new()
+        };
+        failures = children
+            .converge(ctx, ns, pool, desired, &cluster_services)
+            .await;
+    }
+    let admitted = planned.as_ref().map(|(n, _)| *n);
+    if let Ok(n) = admitted {
+        ctx.metrics
+            .pool_devices
+            .with_label_values(&[&name, "allocated"])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    let new = shared::status_for(
+        pool,
+        admitted,
+        &failures,
+        children.observed(),
+        &Time(Timestamp::now()),
+    );
+    if status::is_changed(pool, &new) {
+        patch_status(ctx, ns, pool, &new).await?;
+    }
+    if degraded(&pool.status) != degraded(&Some(new)) {
+        for f in failures.iter().take(FAILURE_EVENTS) {
+            let event = event(EventType::Warning, f.reason, f.to_string(), "Apply");
+            match ctx.recorder.publish(&event, &pool.object_ref(&())).await {
+                Ok(()) => ctx.metrics.writes.with_label_values(&["event"]).inc(),
+                Err(err) => warn!(err = %crate::error::message(&err), "publishing event failed"),
+            }
+        }
+    }
+    Ok(match planned {
+        Err(_) => Action::await_change(),
+        Ok(_) if !failures.is_empty() => Action::requeue(backoff(count_failure(ctx, pool), &name)),
+        Ok(_) => {
+            reset_failures(ctx, pool);
+            Action::requeue(RESYNC)
+        }
+    })
+}
+
+/// Writes the status by server-side apply, so a field no longer set is removed.
+async fn patch_status(
+    ctx: &Context,
+    ns: &str,
+    pool: &TrackerPortPool,
+    new: &trackgate_api::TrackerPortPoolStatus,
+) -> Result<(), Error> {
+    let api: Api<TrackerPortPool> = Api::namespaced(ctx.client.clone(), ns);
+    let patch = Patch::Apply(json!({
+        "apiVersion": TrackerPortPool::api_version(&()),
+        "kind": TrackerPortPool::kind(&()),
+        "status": new,
+    }));
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    api.patch_status(&pool.name_any(), &params, &patch).await?;
+    ctx.metrics.writes.with_label_values(&["status"]).inc();
+    Ok(())
 }
 
 /// Retries a failed reconcile with per-pool exponential backoff and jitter.
@@ -340,7 +418,8 @@ async fn record_events(
                     EventType::Warning,
                     reasons::REALLOCATED,
                     format!(
-                        "fresh allocation on request ({REALLOCATE}): {} devices kept the port a                          shard ConfigMap still named",
+                        "fresh allocation on request ({REALLOCATE}): {} devices kept the port a \
+                         shard ConfigMap still named",
                         rec.previous.len()
                     ),
                     "Reallocate",

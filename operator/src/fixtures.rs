@@ -48,6 +48,8 @@ impl PoolBuilder {
                 sink: RedisSink::default(),
             },
             udp: false,
+            admission: Default::default(),
+            scaling: None,
         };
         let mut pool = TrackerPortPool::new("fleet", spec);
         pool.metadata.namespace = Some("trackers".into());

@@ -295,7 +295,7 @@ pub fn status_for(
 }
 
 /// "n objects were not applied: A: msg; B: msg; and k more".
-fn degraded_message(failures: &[Failure]) -> String {
+pub(crate) fn degraded_message(failures: &[Failure]) -> String {
     let shown: Vec<String> = failures
         .iter()
         .take(FAILURES_SHOWN)
@@ -371,7 +371,7 @@ fn shard_status(
 }
 
 /// Builds the conditions, keeping `lastTransitionTime` of those whose status did not change.
-fn merge_conditions(
+pub(crate) fn merge_conditions(
     old: &[Condition],
     new: Vec<Cond>,
     generation: Option<i64>,

@@ -11,7 +11,7 @@
 //! ConfigMap, a scaled Deployment, a node-port collision, a `portsPerShard` change and an
 //! operator restart. It never waits for pods (the cluster may have no nodes).
 //!
-//! The two tests share the cluster's pools (each operator watches every namespace), so they
+//! The tests share the cluster's pools (each operator watches every namespace), so they
 //! take turns.
 
 use std::path::PathBuf;
@@ -605,4 +605,121 @@ impl Drop for ClusterRbac {
             &format!("clusterrole/trackgate-operator{suffix}"),
         ]);
     }
+}
+
+/// Issue 10: a 200,000-device shared pool whose IMEIs live in four ConfigMaps reconciles into
+/// one Service and one Deployment, with the right count in status, in under 30 s; the pod
+/// spec mounts every list (a projected volume) and stays small; an edit of a list updates the
+/// count without touching the Deployment.
+#[test]
+fn a_200k_device_shared_pool_is_one_service_and_one_deployment() {
+    if let Some(why) = skip_reason() {
+        eprintln!("SKIP operator_e2e: {why}. See tests/README.md to run it against kind or k3d.");
+        return;
+    }
+    let _turn = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    const DEVICES: u64 = 200_000;
+    const LISTS: u64 = 4;
+    let root = workspace_root();
+    let crd = root.join("crds/trackerportpools.trackgate.dev.yaml");
+    kubectl_ok(&["apply", "--server-side", "-f", crd.to_str().expect("path")]);
+    kubectl_ok(&[
+        "wait",
+        "--for=condition=established",
+        "crd/trackerportpools.trackgate.dev",
+        "--timeout=60s",
+    ]);
+    let ns = TempNamespace::create("-shared");
+    let ns = ns.0.as_str();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let per_list = DEVICES / LISTS;
+    for list in 0..LISTS {
+        let path = dir.path().join(format!("imeis-{list}"));
+        let text: String = (0..per_list)
+            .map(|n| format!("{}\n", 864_186_000_000_000 + list * per_list + n))
+            .collect();
+        std::fs::write(&path, text).expect("write list");
+        kubectl_ok(&[
+            "-n",
+            ns,
+            "create",
+            "configmap",
+            &format!("fleet-imeis-{list}"),
+            &format!("--from-file=imeis={}", path.display()),
+        ]);
+    }
+    let _operator = Operator::start(ns);
+    let sources: String = (0..LISTS)
+        .map(|l| format!("    - {{configMap: fleet-imeis-{l}}}\n"))
+        .collect();
+    let pool = format!(
+        "apiVersion: trackgate.dev/v1alpha1\nkind: TrackerPortPool\nmetadata: {{name: big, namespace: {ns}}}\n\
+         spec:\n  mode: shared\n  ports: {{start: 5027, end: 5029}}\n  udp: true\n  devicesFrom:\n{sources}\
+         \x20 scaling: {{replicas: 3}}\n  redis: {{urlSecretRef: {{name: trackgate-redis}}}}\n"
+    );
+    let started = Instant::now();
+    let (ok, text) = kubectl_stdin(&["apply", "-f", "-"], &pool);
+    assert!(ok, "{text}");
+    wait_until("status of the 200k pool", || {
+        let p = get_json(ns, &["tpp", "big"]);
+        p["status"]["observedGeneration"] == p["metadata"]["generation"]
+            && p["status"]["devices"].as_u64() == Some(DEVICES)
+    });
+    let took = started.elapsed();
+    eprintln!("FIGURE e2e: {DEVICES}-device shared pool reconciled in {took:?}");
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+
+    let selector = "trackgate.dev/pool=big";
+    let deployments = get_json(ns, &["deployments", "-l", selector]);
+    let services = get_json(ns, &["services", "-l", selector]);
+    assert_eq!(deployments["items"].as_array().map_or(0, Vec::len), 1);
+    assert_eq!(services["items"].as_array().map_or(0, Vec::len), 1);
+    let ports = services["items"][0]["spec"]["ports"]
+        .as_array()
+        .map_or(0, Vec::len);
+    assert_eq!(ports, 6, "3 ports, TCP and UDP");
+    let deployment = &deployments["items"][0];
+    assert_eq!(deployment["spec"]["replicas"], 3);
+    let sources = &deployment["spec"]["template"]["spec"]["volumes"][0]["projected"]["sources"];
+    assert_eq!(
+        sources.as_array().map_or(0, Vec::len) as u64,
+        LISTS + 1,
+        "{sources}"
+    );
+    let size = deployment.to_string().len();
+    assert!(size < 64 * 1024, "the Deployment is {size} bytes");
+    let p = get_json(ns, &["tpp", "big"]);
+    assert_eq!(
+        p["status"]["replicasReady"]
+            .as_str()
+            .map(|s| s.ends_with("/3")),
+        Some(true)
+    );
+    let generation = deployment["metadata"]["generation"].clone();
+
+    // one list shrinks: the count follows, the Deployment is not rewritten
+    let path = dir.path().join("imeis-0");
+    let text: String = (0..per_list / 2)
+        .map(|n| format!("{}\n", 864_186_000_000_000 + n))
+        .collect();
+    std::fs::write(&path, text).expect("write list");
+    let (ok, text) = kubectl(&[
+        "-n",
+        ns,
+        "create",
+        "configmap",
+        "fleet-imeis-0",
+        &format!("--from-file=imeis={}", path.display()),
+        "--dry-run=client",
+        "-o",
+        "yaml",
+    ]);
+    assert!(ok, "{text}");
+    let (ok, out) = kubectl_stdin(&["-n", ns, "replace", "-f", "-"], &text);
+    assert!(ok, "{out}");
+    wait_until("status after the list edit", || {
+        get_json(ns, &["tpp", "big"])["status"]["devices"].as_u64() == Some(DEVICES - per_list / 2)
+    });
+    let deployment = &get_json(ns, &["deployments", "-l", selector])["items"][0];
+    assert_eq!(deployment["metadata"]["generation"], generation);
 }

@@ -449,7 +449,10 @@ pub fn classify(code: u16, message: &str) -> &'static str {
 fn too_large(cm: &ConfigMap, bytes: usize, spec: &TrackerPortPoolSpec) -> Failure {
     let knob = match spec.mode {
         trackgate_api::IdentificationMode::Dedicated => "spec.sharding.portsPerShard",
-        trackgate_api::IdentificationMode::Shared => "spec.sharding.devicesPerShard",
+        // a shared pool's ConfigMap holds only the inline devices; the lists are mounted
+        trackgate_api::IdentificationMode::Shared => {
+            "spec.devices (move them to a devicesFrom ConfigMap)"
+        }
     };
     Failure {
         reason: reasons::TOO_LARGE,

@@ -28,6 +28,7 @@ pub use objects::{
     Desired, config_checksum, config_map_data_bytes, desired_objects, max_listeners,
     selector_labels, shard_name,
 };
+pub(crate) use objects::{deployment, meta, pdb, service};
 pub use spec::{SpecError, pool_devices, validate};
 
 /// Field manager of every server-side apply.

@@ -139,7 +139,7 @@ pub fn desired_objects(
     Ok(out)
 }
 
-fn meta(
+pub(crate) fn meta(
     pool: &str,
     namespace: Option<String>,
     index: u32,
@@ -182,7 +182,7 @@ pub fn config_map_data_bytes(cm: &ConfigMap) -> usize {
         .sum()
 }
 
-fn deployment(
+pub(crate) fn deployment(
     meta: ObjectMeta,
     spec: &TrackerPortPoolSpec,
     pool: &str,
@@ -373,7 +373,7 @@ fn deployment(
     }
 }
 
-fn service(
+pub(crate) fn service(
     meta: ObjectMeta,
     spec: &TrackerPortPoolSpec,
     pool: &str,
@@ -426,7 +426,7 @@ fn service(
     })
 }
 
-fn pdb(meta: ObjectMeta, pool: &str, index: u32) -> PodDisruptionBudget {
+pub(crate) fn pdb(meta: ObjectMeta, pool: &str, index: u32) -> PodDisruptionBudget {
     PodDisruptionBudget {
         metadata: meta,
         spec: Some(PodDisruptionBudgetSpec {

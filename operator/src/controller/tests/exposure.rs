@@ -191,14 +191,15 @@ async fn a_refused_first_record_write_is_not_taken_for_a_lost_record() {
 /// A shard ConfigMap over the 1 MiB limit is not sent; the status says which and what to lower.
 #[tokio::test]
 async fn a_shard_config_map_over_one_mib_is_refused_with_a_reason() {
-    let mut pool = PoolBuilder::shared(7000, 7003).build();
-    pool.spec.sharding.devices_per_shard = 100_000;
+    let mut pool = PoolBuilder::dedicated(2000, 62000)
+        .ports_per_shard(60_000)
+        .build();
     pool.spec.devices_from.push(DeviceSource {
         config_map: "fleet-list".into(),
         key: "imeis".into(),
     });
     let s = Scenario::new(&pool);
-    let list: String = (0..60_000).map(|k| format!("{}\n", imei(k))).collect();
+    let list: String = (0..45_000).map(|k| format!("{}\n", imei(k))).collect();
     s.fake.insert(
         &format!("{CMS}/fleet-list"),
         json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "fleet-list", "namespace": "trackers"},
@@ -214,7 +215,7 @@ async fn a_shard_config_map_over_one_mib_is_refused_with_a_reason() {
         .unwrap()
         .message;
     assert!(
-        msg.contains("fleet-shard-0") && msg.contains("devicesPerShard"),
+        msg.contains("fleet-shard-0") && msg.contains("portsPerShard"),
         "{msg}"
     );
     assert!(s.fake.get(&format!("{CMS}/fleet-shard-0")).is_none());
