@@ -1,6 +1,7 @@
 //! Types shared by the trackgate operator and listener.
 //!
 //! - [`pool`]: the `TrackerPortPool` custom resource (spec, status, CEL rules).
+//! - [`annotations`]: annotations a user sets on a pool to ask the operator for something.
 //! - [`conditions`]: condition types and reasons of the pool status.
 //! - [`imei_list`]: the `devicesFrom` IMEI list format and the compact set listeners admit from.
 //! - [`shard_config`]: the file the operator writes into each shard's ConfigMap and the
@@ -11,6 +12,7 @@
 //! only with its `derive` feature, for the `TrackerPortPool` custom resource.
 #![warn(missing_docs)]
 
+pub mod annotations;
 pub mod conditions;
 pub mod imei_list;
 pub mod pool;

@@ -79,8 +79,13 @@ pub struct TrackerPortPoolSpec {
     pub protocol: Protocol,
     /// How a device is identified: `dedicated` (one port per device; a login with another IMEI
     /// on that port is refused) or `shared` (few ports; identity is the login IMEI, checked
-    /// against the pool's devices).
+    /// against the pool's devices). Fixed once the pool exists: switching would move every
+    /// device, so migrate by creating a second pool and moving devices over.
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self == oldSelf",
+        "message": "spec.mode cannot change in place (it would move every device): create a new pool with the other mode, move the devices to it, then delete this one"
+    }]))]
     pub mode: IdentificationMode,
     /// The port range the pool allocates from, and ports to leave out.
     pub ports: PortRange,
@@ -255,6 +260,13 @@ pub struct Exposure {
     /// `Cluster` spreads load across nodes at the cost of both.
     #[serde(default)]
     pub external_traffic_policy: ExternalTrafficPolicy,
+    /// LoadBalancer only: whether each Service port also takes a node port
+    /// (`spec.allocateLoadBalancerNodePorts`). Unset keeps the Kubernetes default (true), which
+    /// an instance-target load balancer needs. `false` is what IP-target load balancers use
+    /// (AWS NLB with `ip` targets, MetalLB; see docs/operations.md) and what a dedicated pool
+    /// larger than the node-port range (2,768 ports by default) needs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocate_load_balancer_node_ports: Option<bool>,
 }
 
 /// Kind of exposure.
@@ -529,6 +541,22 @@ spec:
         };
         p.spec.devices[1].port = Some(31001);
         assert_eq!(errors(&p), "");
+    }
+
+    /// Switching `mode` in place would move every device: refused with how to migrate, while
+    /// other fields (portsPerShard, the range) still change in place.
+    #[test]
+    fn cel_refuses_a_mode_change_in_place() {
+        let old = pool(GOOD);
+        let mut new = old.clone();
+        new.spec.mode = IdentificationMode::Shared;
+        let err = kube::core::cel::validate_cel_update(&new, &old)
+            .map(|_| String::new())
+            .unwrap_or_else(|e| e.to_string());
+        assert!(err.contains("create a new pool"), "{err}");
+        let mut resharded = old.clone();
+        resharded.spec.sharding.ports_per_shard = 7;
+        assert!(kube::core::cel::validate_cel_update(&resharded, &old).is_ok());
     }
 
     /// Keys of `original` that `typed` lacks: a misspelled or unknown field in an example

@@ -15,6 +15,9 @@ pub const SHARD_CONFIG_FILE: &str = "shard.json";
 
 /// Environment variable that carries the Redis URL into a listener (from the pool's Secret).
 pub const REDIS_URL_ENV: &str = "TRACKGATE_REDIS_URL";
+/// Env var: seconds a listener keeps accepting after SIGTERM with `/readyz` failing, so load
+/// balancers stop sending before the ports close. Unset or 0: drain at once.
+pub const DRAIN_DELAY_ENV: &str = "TRACKGATE_DRAIN_DELAY_SECONDS";
 
 /// How a device is identified on a port.
 #[derive(

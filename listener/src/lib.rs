@@ -94,22 +94,33 @@ pub async fn serve(
     let admin = tokio::net::TcpListener::bind(admin_addr)
         .await
         .map_err(StartError::Admin)?;
+    let drain_delay = options.drain_delay;
     let listener = Listener::start(options, sources, &registry, health.clone()).await?;
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(trackgate_telemetry::serve(
         admin,
         registry,
-        health,
+        health.clone(),
         admin_stop.clone().cancelled_owned(),
     ));
     info!(%admin_addr, ports = listener.bound_ports().len(), "listening");
     wait_for_signal().await.map_err(StartError::Admin)?;
+    if !drain_delay.is_zero() {
+        // the load balancer's health check sees /readyz fail and stops sending new devices;
+        // until then a device that is sent here still gets in
+        health.set_ready(DRAINING, false);
+        info!(delay = ?drain_delay, "draining: /readyz fails, still accepting");
+        tokio::time::sleep(drain_delay).await;
+    }
     info!("shutting down: no new connections, finishing in-flight frames");
     listener.shutdown().await;
     admin_stop.cancel();
     let _ = admin_task.await;
     Ok(())
 }
+
+/// Readiness condition that fails from SIGTERM on.
+pub const DRAINING: &str = "not-draining";
 
 async fn wait_for_signal() -> std::io::Result<()> {
     #[cfg(unix)]

@@ -55,6 +55,9 @@ pub struct ListenerOptions {
     pub reload_interval: Duration,
     /// How long shutdown waits for sessions to finish their in-flight frame.
     pub shutdown_grace: Duration,
+    /// After SIGTERM, how long `/readyz` fails while the ports still accept, before the drain
+    /// (`TRACKGATE_DRAIN_DELAY_SECONDS`; 0 by default, the operator sets it for pods).
+    pub drain_delay: Duration,
     /// How long one frame may keep failing to store before its connection is closed unacked.
     pub publish_retry_for: Duration,
     /// Redis connect and response timeout for one batch.
@@ -83,6 +86,7 @@ impl Default for ListenerOptions {
             pod_name: "trackgate-listener".to_owned(),
             reload_interval: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(20),
+            drain_delay: Duration::ZERO,
             publish_retry_for: Duration::from_secs(10),
             redis_timeout: Duration::from_secs(2),
             max_inflight_bytes: 64 * 1024 * 1024,
@@ -112,6 +116,12 @@ impl ListenerOptions {
             }
             _ => false,
         };
+        if let Some(secs) = std::env::var(trackgate_api::shard_config::DRAIN_DELAY_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+        {
+            options.drain_delay = Duration::from_secs(secs);
+        }
         if let Some(pod) = ["POD_NAME", "HOSTNAME"]
             .iter()
             .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))

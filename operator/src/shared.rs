@@ -31,10 +31,8 @@ use trackgate_api::{
 };
 
 use crate::allocate::LineError;
-use crate::desired::{
-    self, Desired, HASH_ANNOTATION, NLB_LISTENER_LIMIT, SpecError, selector_labels, shard_name,
-};
-use crate::status::{Observed, merge_conditions};
+use crate::desired::{self, Desired, NLB_LISTENER_LIMIT, SpecError, shard_name};
+use crate::status::{Failure, Observed, degraded_message, is_rolled_out, merge_conditions};
 
 /// The one shard index of a shared pool (its objects are `<pool>-shard-0`).
 pub const SHARED_INDEX: u32 = 0;
@@ -120,10 +118,6 @@ pub fn replicas(spec: &TrackerPortPoolSpec, live: Option<i32>) -> i32 {
     }
 }
 
-fn is_autoscaled(spec: &TrackerPortPoolSpec) -> bool {
-    spec.scaling.as_ref().is_some_and(|s| s.autoscaled)
-}
-
 /// The children of a shared pool. `live_replicas` is the Deployment's current
 /// `spec.replicas` (read by the controller), used only when the pool is autoscaled.
 ///
@@ -142,7 +136,7 @@ pub fn desired_objects(
     let meta = |kind: &str| desired::meta(&name, pool.namespace(), SHARED_INDEX, &owner, kind);
     let cfg = shard_config(&name, spec);
 
-    let mut cm = ConfigMap {
+    let cm = ConfigMap {
         metadata: meta("config"),
         data: Some(BTreeMap::from([
             (SHARD_CONFIG_FILE.to_owned(), cfg.to_json()),
@@ -150,32 +144,29 @@ pub fn desired_objects(
         ])),
         ..ConfigMap::default()
     };
-    desired::stamp(&mut cm.metadata, &cm.data);
 
-    let mut deployment = desired::deployment(meta("listener"), spec, &name, SHARED_INDEX, image)?;
+    let checksum = desired::config_checksum(spec);
+    let mut deployment = desired::deployment(
+        meta("listener"),
+        spec,
+        &name,
+        SHARED_INDEX,
+        image,
+        &checksum,
+    );
     mount_device_lists(&mut deployment, &name, spec)?;
-    let autoscaled = is_autoscaled(spec);
     if let Some(dep) = deployment.spec.as_mut() {
-        // NB: with an HPA the count is not part of the content hash: the HPA changing it must
-        // not make the operator write the Deployment again.
-        dep.replicas = (!autoscaled).then(|| replicas(spec, live_replicas));
-    }
-    restamp(&mut deployment);
-    if autoscaled && let Some(dep) = deployment.spec.as_mut() {
+        // NB: with an HPA this is the live count, so the field comparison finds no drift and
+        // the operator never undoes the HPA's scaling.
         dep.replicas = Some(replicas(spec, live_replicas));
     }
 
     let mut out = Desired::default();
-    if let Some(svc) = desired::service(meta("listener"), spec, &name, &cfg)? {
+    if let Some(svc) = desired::service(meta("listener"), spec, &name, &cfg) {
         out.services.push(svc);
     }
-    out.pdbs.push(desired::typed(
-        meta("listener"),
-        json!({"spec": {
-            "maxUnavailable": 1,
-            "selector": {"matchLabels": selector_labels(&name, SHARED_INDEX)},
-        }}),
-    )?);
+    out.pdbs
+        .push(desired::pdb(meta("listener"), &name, SHARED_INDEX));
     out.config_maps.push(cm);
     out.deployments.push(deployment);
     Ok(out)
@@ -211,19 +202,6 @@ fn mount_device_lists(
         pod.volumes = Some(vec![volume]);
     }
     Ok(())
-}
-
-/// Recomputes the content hash after the shared-pool edits of a built object.
-fn restamp(deployment: &mut Deployment) {
-    let meta = deployment.meta_mut();
-    if let Some(annotations) = meta.annotations.as_mut() {
-        annotations.remove(HASH_ANNOTATION);
-        if annotations.is_empty() {
-            meta.annotations = None;
-        }
-    }
-    let spec = deployment.spec.clone();
-    desired::stamp(deployment.meta_mut(), &spec);
 }
 
 /// PURE: what the controller applies for a shared pool: the admitted count and the children.
@@ -296,6 +274,7 @@ pub fn live_replicas(pool: &TrackerPortPool, deployments: &[Deployment]) -> Opti
 pub fn status_for(
     pool: &TrackerPortPool,
     admitted: Result<usize, &SpecError>,
+    failures: &[Failure],
     observed: Observed<'_>,
     now: &Time,
 ) -> TrackerPortPoolStatus {
@@ -339,7 +318,7 @@ pub fn status_for(
                 ready_replicas: ready,
                 endpoint: endpoint.clone(),
             }];
-            let available = want > 0 && ready >= want;
+            let available = want > 0 && dep.is_some_and(|d| is_rolled_out(d, want));
             new.shards_ready = format!("{}/1", u8::from(available));
             new.replicas_ready = Some(format!("{ready}/{want}"));
             new.endpoint = endpoint;
@@ -399,8 +378,16 @@ pub fn status_for(
                      admits every device",
                 );
             }
-            conds.push((conditions::DEGRADED, false, reasons::SPEC_VALID, valid));
-            conds.push(if available {
+            conds.push(match failures {
+                [] => (conditions::DEGRADED, false, reasons::SPEC_VALID, valid),
+                [first, ..] => (
+                    conditions::DEGRADED,
+                    true,
+                    first.reason,
+                    degraded_message(failures),
+                ),
+            });
+            conds.push(if available && failures.is_empty() {
                 (
                     conditions::READY,
                     true,
@@ -412,11 +399,15 @@ pub fn status_for(
                     conditions::READY,
                     false,
                     reasons::POOL_NOT_READY,
-                    "see ListenersAvailable".to_owned(),
+                    "see ListenersAvailable and Degraded".to_owned(),
                 )
             });
         }
     }
+    let conds = conds
+        .into_iter()
+        .map(|(t, on, r, m)| (t, if on { "True" } else { "False" }, r, m))
+        .collect();
     new.conditions = merge_conditions(&old.conditions, conds, pool.metadata.generation, now);
     new
 }
