@@ -80,6 +80,7 @@ cat <<EOF2
   redis-cli -p $REDIS_PORT XRANGE 'trackgate:{$POOL}:events' - + COUNT 5   # logins, disconnects
   curl -s http://$ADMIN_ADDR/metrics | grep trackgate_
   $bin decode 000F333536333037303432343431303133             # what a device sent, as JSON
+  $bin command --pool $POOL --imei <imei> getinfo             # a command to a device, its answer
 EOF2
 
 echo "== the gateway keeps running with a trickle of device data; Ctrl-C stops it"
@@ -88,4 +89,12 @@ trickle=(--duration "${DEMO_SECONDS}s")
 "$bin" simulate --config "$STATE/$POOL/shard-0/shard.json" --rate 2 "${trickle[@]}" >/dev/null 2>&1 &
 sim=$!
 pids+=("$sim")
+
+imei=$(awk 'NF { print $1; exit }' "$STATE/$POOL"/shard-0/allocation.txt)
+sleep 2
+echo "== a command to device $imei through Redis, and its answer (trackgate command)"
+"$bin" command --redis-url "$TRACKGATE_REDIS_URL" --pool "$POOL" --imei "$imei" --wait-seconds 20 getver \
+  || echo "(no answer: see the responses stream below)"
+echo "-- the command's status changes (trackgate:{$POOL}:responses):"
+redis-cli -p "$REDIS_PORT" XREVRANGE "trackgate:{$POOL}:responses" + - COUNT 3
 wait "$sim" || true

@@ -45,4 +45,24 @@ pub mod reasons {
     pub const AWS_NLB_LISTENER_LIMIT: &str = "AwsNlbListenerLimit";
     /// The allocation changed (Event reason).
     pub const ALLOCATION_CHANGED: &str = "AllocationChanged";
+    /// The allocation record ConfigMap is gone while shards exist (Degraded reason).
+    pub const ALLOCATION_RECORD_MISSING: &str = "AllocationRecordMissing";
+    /// The allocation record cannot be read (Degraded reason).
+    pub const ALLOCATION_RECORD_UNREADABLE: &str = "AllocationRecordUnreadable";
+    /// A fresh allocation was made on request (Event reason).
+    pub const REALLOCATED: &str = "Reallocated";
+    /// A node port the pool needs is held by another Service (Degraded reason).
+    pub const NODE_PORT_IN_USE: &str = "NodePortInUse";
+    /// The node-port range cannot hold the node ports the pool needs (Degraded reason).
+    pub const NODE_PORT_RANGE_FULL: &str = "NodePortRangeFull";
+    /// An object is larger than the API server accepts (Degraded reason).
+    pub const TOO_LARGE: &str = "TooLarge";
+    /// The operator's ServiceAccount may not write an object (Degraded reason).
+    pub const FORBIDDEN: &str = "Forbidden";
+    /// The API server refused a write for another reason (Degraded reason).
+    pub const APPLY_FAILED: &str = "ApplyFailed";
+    /// Not known yet: the reconcile stopped before it could tell.
+    pub const UNKNOWN: &str = "Unknown";
+    /// A Deployment is still rolling out.
+    pub const ROLLOUT_IN_PROGRESS: &str = "RolloutInProgress";
 }

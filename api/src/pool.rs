@@ -16,7 +16,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::shard_config::{IdentificationMode, ListenerLimits, RedisSink};
+use crate::shard_config::{AdmissionMode, IdentificationMode, ListenerLimits, RedisSink};
 
 /// Most devices listed inline. Larger fleets go in ConfigMaps (`devicesFrom`); the bound keeps
 /// the CEL rules that walk this list (pinned ports × excluded ports) inside the cost budget.
@@ -46,6 +46,8 @@ pub const MAX_DEVICE_SOURCES: usize = 64;
     printcolumn = r#"{"name":"Allocated","type":"integer","jsonPath":".status.allocated"}"#,
     printcolumn = r#"{"name":"Free","type":"integer","jsonPath":".status.freePorts"}"#,
     printcolumn = r#"{"name":"Shards Ready","type":"string","jsonPath":".status.shardsReady"}"#,
+    printcolumn = r#"{"name":"Replicas","type":"string","jsonPath":".status.replicasReady"}"#,
+    printcolumn = r#"{"name":"Endpoint","type":"string","jsonPath":".status.endpoint"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -61,6 +63,14 @@ pub const MAX_DEVICE_SOURCES: usize = 64;
     {
         "rule": "!has(self.exposure) || !has(self.exposure.type) || self.exposure.type != 'NodePort' || (self.ports.start >= 30000 && self.ports.end <= 32767)",
         "message": "exposure.type NodePort needs spec.ports inside the node-port range 30000-32767"
+    },
+    {
+        "rule": "!has(self.admission) || self.admission == 'listed' || (has(self.mode) && self.mode == 'shared')",
+        "message": "admission: open needs mode: shared (in dedicated mode the port is the identity)"
+    },
+    {
+        "rule": "!has(self.scaling) || (has(self.mode) && self.mode == 'shared')",
+        "message": "spec.scaling applies to shared pools; dedicated pools use sharding.replicasPerShard"
     }
 ]))]
 pub struct TrackerPortPoolSpec {
@@ -69,8 +79,13 @@ pub struct TrackerPortPoolSpec {
     pub protocol: Protocol,
     /// How a device is identified: `dedicated` (one port per device; a login with another IMEI
     /// on that port is refused) or `shared` (few ports; identity is the login IMEI, checked
-    /// against the pool's devices).
+    /// against the pool's devices). Fixed once the pool exists: switching would move every
+    /// device, so migrate by creating a second pool and moving devices over.
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self == oldSelf",
+        "message": "spec.mode cannot change in place (it would move every device): create a new pool with the other mode, move the devices to it, then delete this one"
+    }]))]
     pub mode: IdentificationMode,
     /// The port range the pool allocates from, and ports to leave out.
     pub ports: PortRange,
@@ -98,11 +113,38 @@ pub struct TrackerPortPoolSpec {
     /// Connection and frame limits of each listener process.
     #[serde(default)]
     pub limits: ListenerLimits,
+    /// Shared mode: `listed` (default) admits only the pool's devices; `open` admits any
+    /// well-formed IMEI, so anyone who learns the address can write records under any IMEI,
+    /// a real device's included. Use `open` only behind `exposure.sourceRanges` or a private
+    /// network.
+    #[serde(default)]
+    pub admission: AdmissionMode,
+    /// Shared mode: how many listener replicas serve the pool, and whether a
+    /// HorizontalPodAutoscaler sets that number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaling: Option<Scaling>,
     /// Where records go: Redis Streams.
     pub redis: RedisSpec,
     /// Also serve Teltonika UDP datagrams on the same port numbers.
     #[serde(default)]
     pub udp: bool,
+}
+
+/// Replicas of a shared pool's one Deployment.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Scaling {
+    /// Replicas of the Deployment; every replica serves every device of the pool. Defaults to
+    /// `sharding.replicasPerShard`, so a v1alpha1 shared pool keeps its replica count. With
+    /// `autoscaled` this is only the count the Deployment starts with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub replicas: Option<u16>,
+    /// A HorizontalPodAutoscaler owns the replica count (target the Deployment
+    /// `<pool>-shard-0`): the operator then keeps whatever count the Deployment has and never
+    /// scales it back.
+    #[serde(default)]
+    pub autoscaled: bool,
 }
 
 /// Wire protocol of the devices.
@@ -176,11 +218,13 @@ pub struct Sharding {
     #[schemars(range(min = 1, max = 5000))]
     pub ports_per_shard: u16,
     /// Replicas per shard. Every replica serves every port of its shard, so one can die
-    /// without a device losing its port. At least 1.
+    /// without a device losing its port. At least 1. In shared mode, the default of
+    /// `scaling.replicas`.
     #[schemars(range(min = 1, max = 100))]
     pub replicas_per_shard: u16,
-    /// Shared mode only: most devices admitted by one shard. Ignored in dedicated mode,
-    /// where a shard holds one device per port.
+    /// Deprecated and ignored: a shared pool is now one Deployment whose replicas all admit
+    /// every device, however many (see `spec.scaling`). Kept so that v1alpha1 pools still
+    /// apply; the pool's Degraded condition message notes it when set.
     #[schemars(range(min = 1, max = 1000000))]
     pub devices_per_shard: u32,
 }
@@ -216,6 +260,13 @@ pub struct Exposure {
     /// `Cluster` spreads load across nodes at the cost of both.
     #[serde(default)]
     pub external_traffic_policy: ExternalTrafficPolicy,
+    /// LoadBalancer only: whether each Service port also takes a node port
+    /// (`spec.allocateLoadBalancerNodePorts`). Unset keeps the Kubernetes default (true), which
+    /// an instance-target load balancer needs. `false` is what IP-target load balancers use
+    /// (AWS NLB with `ip` targets, MetalLB; see docs/operations.md) and what a dedicated pool
+    /// larger than the node-port range (2,768 ports by default) needs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocate_load_balancer_node_ports: Option<bool>,
 }
 
 /// Kind of exposure.
@@ -358,6 +409,13 @@ pub struct TrackerPortPoolStatus {
     /// One entry per running shard.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shards: Vec<ShardStatus>,
+    /// Shared mode: ready replicas over desired, `2/3`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas_ready: Option<String>,
+    /// Shared mode: where every device of the pool connects (the load balancer's address,
+    /// or how to reach a node), with the pool's ports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
 }
 
 /// One shard as observed.
@@ -432,6 +490,26 @@ spec:
             ExternalTrafficPolicy::Local
         );
         assert_eq!(p.spec.sharding.devices_per_shard, 5_000);
+        assert_eq!(p.spec.admission, AdmissionMode::Listed);
+        assert_eq!(errors(&p), "");
+    }
+
+    #[test]
+    fn cel_keeps_open_admission_and_scaling_to_shared_pools() {
+        let mut p = pool(GOOD);
+        p.spec.admission = AdmissionMode::Open;
+        assert!(
+            errors(&p).contains("admission: open needs mode: shared"),
+            "{}",
+            errors(&p)
+        );
+        p.spec.scaling = Some(Scaling::default());
+        assert!(
+            errors(&p).contains("spec.scaling applies to shared"),
+            "{}",
+            errors(&p)
+        );
+        p.spec.mode = IdentificationMode::Shared;
         assert_eq!(errors(&p), "");
     }
 
@@ -480,6 +558,22 @@ spec:
         };
         p.spec.devices[1].port = Some(31001);
         assert_eq!(errors(&p), "");
+    }
+
+    /// Switching `mode` in place would move every device: refused with how to migrate, while
+    /// other fields (portsPerShard, the range) still change in place.
+    #[test]
+    fn cel_refuses_a_mode_change_in_place() {
+        let old = pool(GOOD);
+        let mut new = old.clone();
+        new.spec.mode = IdentificationMode::Shared;
+        let err = kube::core::cel::validate_cel_update(&new, &old)
+            .map(|_| String::new())
+            .unwrap_or_else(|e| e.to_string());
+        assert!(err.contains("create a new pool"), "{err}");
+        let mut resharded = old.clone();
+        resharded.spec.sharding.ports_per_shard = 7;
+        assert!(kube::core::cel::validate_cel_update(&resharded, &old).is_ok());
     }
 
     /// Keys of `original` that `typed` lacks: a misspelled or unknown field in an example
@@ -564,6 +658,22 @@ spec:
             Some(1.0)
         );
         assert_eq!(crd["spec"]["names"]["shortNames"][0], "tpp");
+        let columns: Vec<&str> = crd["spec"]["versions"][0]["additionalPrinterColumns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| c["jsonPath"].as_str())
+            .collect();
+        for path in [
+            ".status.devices",
+            ".status.replicasReady",
+            ".status.endpoint",
+        ] {
+            assert!(
+                columns.contains(&path),
+                "kubectl get tpp lacks {path}: {columns:?}"
+            );
+        }
         assert!(crd["spec"]["versions"][0]["subresources"]["status"].is_object());
     }
 }

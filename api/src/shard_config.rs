@@ -15,6 +15,9 @@ pub const SHARD_CONFIG_FILE: &str = "shard.json";
 
 /// Environment variable that carries the Redis URL into a listener (from the pool's Secret).
 pub const REDIS_URL_ENV: &str = "TRACKGATE_REDIS_URL";
+/// Env var: seconds a listener keeps accepting after SIGTERM with `/readyz` failing, so load
+/// balancers stop sending before the ports close. Unset or 0: drain at once.
+pub const DRAIN_DELAY_ENV: &str = "TRACKGATE_DRAIN_DELAY_SECONDS";
 
 /// Environment variable naming the PEM file of the CA a `rediss://` server's certificate must
 /// chain to (mounted from the pool's `redis.tls` Secret).
@@ -37,6 +40,20 @@ pub enum IdentificationMode {
     Shared,
 }
 
+/// Which IMEIs a shared pool admits.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum AdmissionMode {
+    /// Only the pool's devices (inline and `devicesFrom`).
+    #[default]
+    Listed,
+    /// Any well-formed IMEI. Anyone who learns the address can then write records into the
+    /// pool's streams under an IMEI of their choosing, including a real device's.
+    Open,
+}
+
 /// One listener shard's whole configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -52,6 +69,14 @@ pub struct ShardConfig {
     /// Shared mode: the IMEIs admitted on any port of this shard. Empty in dedicated mode.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<String>,
+    /// Shared mode: files of more admitted IMEIs in the `devicesFrom` list format (one per
+    /// line), relative to the directory of this config file. A shared pool's pod mounts its
+    /// `devicesFrom` ConfigMaps there; the listener reloads when any of them changes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub device_files: Vec<String>,
+    /// Shared mode: `listed` admits only `devices` and `deviceFiles`; `open` any IMEI.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub admission: AdmissionMode,
     /// Also serve Teltonika UDP datagrams on the same port numbers.
     #[serde(default)]
     pub udp: bool,
@@ -61,6 +86,10 @@ pub struct ShardConfig {
     /// Where records go.
     #[serde(default)]
     pub redis: RedisSink,
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
 }
 
 /// A port this shard binds and, in dedicated mode, the device that owns it.
@@ -250,6 +279,12 @@ pub enum ShardConfigError {
     /// Partitions must be at least one.
     #[error("redis.partitions must be at least 1")]
     NoPartitions,
+    /// An inline device is not 15 digits.
+    #[error("devices: {0:?} is not a 15-digit IMEI")]
+    BadImei(String),
+    /// `open` admission or device files in dedicated mode, where the port is the identity.
+    #[error("admission and deviceFiles apply to shared mode only")]
+    SharedOnly,
 }
 
 impl ShardConfig {
@@ -311,6 +346,8 @@ impl ShardConfig {
             mode,
             ports,
             devices,
+            device_files: Vec::new(),
+            admission: AdmissionMode::Listed,
             udp: false,
             limits: ListenerLimits::default(),
             redis: RedisSink::default(),
@@ -364,6 +401,18 @@ impl ShardConfig {
         }
         if self.redis.partitions == 0 {
             return Err(ShardConfigError::NoPartitions);
+        }
+        if let Some(bad) = self
+            .devices
+            .iter()
+            .find(|d| trackgate_protocol::Imei::parse(d).is_err())
+        {
+            return Err(ShardConfigError::BadImei(bad.clone()));
+        }
+        if self.mode == IdentificationMode::Dedicated
+            && (self.admission != AdmissionMode::Listed || !self.device_files.is_empty())
+        {
+            return Err(ShardConfigError::SharedOnly);
         }
         Ok(())
     }
@@ -424,6 +473,16 @@ mod tests {
         let mut cfg = dedicated();
         cfg.redis.partitions = 0;
         assert_eq!(cfg.validate(), Err(ShardConfigError::NoPartitions));
+
+        let mut cfg = dedicated();
+        cfg.admission = AdmissionMode::Open;
+        assert_eq!(cfg.validate(), Err(ShardConfigError::SharedOnly));
+
+        let cfg = ShardConfig::shared("p", 0, [7000], ["12345".to_owned()]);
+        assert_eq!(
+            cfg.validate(),
+            Err(ShardConfigError::BadImei("12345".into()))
+        );
 
         assert!(matches!(
             ShardConfig::from_json("{"),

@@ -1,11 +1,15 @@
 //! `trackgate decode`: a hex dump of one packet (as copied from tcpdump, Wireshark or a device
 //! log) → JSON. Record fields carry the names and formats of the Redis entry (DESIGN.md).
+//! Teltonika (TCP and UDP) and GT06 (`decode/gt06.rs`); the protocol is told by the start bits
+//! (`78 78` / `79 79` is GT06) unless `--protocol` names it. Every object carries `protocol`
+//! (`teltonika` or `gt06`), as every Redis entry will.
 
 use std::io::Read;
 
 use anyhow::{Context, bail};
 use bytes::BytesMut;
 use serde_json::{Map, Value, json};
+use trackgate_protocol::gt06::UtcOffset;
 use trackgate_protocol::{
     AvlPacket, Command, Frame, FrameDecoder, FrameError, Limits, LoginDecoder, decode_udp,
     encode_ack, login_reply, udp_ack,
@@ -17,9 +21,36 @@ pub struct DecodeArgs {
     /// The packet as hex; spaces, newlines, colons and `0x` prefixes are ignored. Read from
     /// stdin when absent.
     pub hex: Vec<String>,
-    /// Decode as a UDP datagram (by default TCP is tried first, then UDP).
+    /// Decode as a UDP datagram (by default TCP is tried first, then UDP). Teltonika only.
     #[arg(long)]
     pub udp: bool,
+    /// The protocol; by default GT06 when the bytes start with 7878 or 7979, else Teltonika.
+    #[arg(long, value_enum)]
+    pub protocol: Option<Protocol>,
+    /// GT06 only: minutes east of UTC of the device's clock (GT06 devices send local time or
+    /// UTC depending on the model); `ts` is the wire time less this offset.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub utc_offset: i16,
+}
+
+/// A protocol `trackgate decode` reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    /// Teltonika: IMEI login, Codec 8/8E/16/12-15 over TCP, UDP datagrams.
+    Teltonika,
+    /// GT06 (Concox, Jimi IoT and clones): 7878/7979 frames.
+    Gt06,
+}
+
+/// How to read the bytes: the options of [`DecodeArgs`] that are not the input.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct How {
+    /// The protocol, or `None` to tell it by the start bits.
+    pub protocol: Option<Protocol>,
+    /// Teltonika UDP.
+    pub udp: bool,
+    /// GT06 device clock.
+    pub utc_offset: UtcOffset,
 }
 
 /// Runs the subcommand: prints the decoded packet as pretty JSON on stdout.
@@ -37,18 +68,36 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
     } else {
         args.hex.join(" ")
     };
-    let value = decode_text(&text, args.udp)?;
+    let utc_offset = UtcOffset::from_minutes(args.utc_offset)
+        .with_context(|| format!("--utc-offset {} is beyond ±14 h", args.utc_offset))?;
+    let how = How {
+        protocol: args.protocol,
+        udp: args.udp,
+        utc_offset,
+    };
+    let value = decode_text(&text, how)?;
     crate::print_stdout(&format!("{}\n", serde_json::to_string_pretty(&value)?))?;
     Ok(())
 }
 
 /// Hex text → JSON; the testable core of [`run`].
-pub fn decode_text(text: &str, udp: bool) -> anyhow::Result<Value> {
+pub fn decode_text(text: &str, how: How) -> anyhow::Result<Value> {
     let bytes = parse_hex(text)?;
     if bytes.is_empty() {
         bail!("no bytes to decode");
     }
-    if udp {
+    let protocol = how.protocol.unwrap_or(if gt06::looks_like_gt06(&bytes) {
+        Protocol::Gt06
+    } else {
+        Protocol::Teltonika
+    });
+    if protocol == Protocol::Gt06 {
+        if how.udp {
+            bail!("--udp: GT06 is decoded over TCP only");
+        }
+        return gt06::decode(&bytes, how.utc_offset);
+    }
+    if how.udp {
         return decode_udp(&bytes, &Limits::default())
             .map(|d| udp_json(&d))
             .map_err(|e| packet_error("UDP datagram", &e, 0));
@@ -73,18 +122,29 @@ fn looks_like_tcp(bytes: &[u8]) -> bool {
 
 /// One line: reason, byte offset in the input, then the decoder's explanation.
 fn packet_error(what: &str, e: &FrameError, frame_start: usize) -> anyhow::Error {
+    one_line_error(what, e.reason(), e.offset(), e, frame_start)
+}
+
+/// The shape of every decode error: `bad <what>: <reason> at byte <n>[ (in the frame at byte
+/// <s>)]: <message>`, with `n` counted from the start of the input.
+fn one_line_error(
+    what: &str,
+    reason: &str,
+    offset: Option<usize>,
+    message: &dyn std::fmt::Display,
+    frame_start: usize,
+) -> anyhow::Error {
     // The decoder's own message counts from the start of the frame.
     let within = match frame_start {
         0 => String::new(),
         s => format!(" (in the frame at byte {s})"),
     };
-    match e.offset() {
+    match offset {
         Some(at) => anyhow::anyhow!(
-            "bad {what}: {} at byte {}{within}: {e}",
-            e.reason(),
+            "bad {what}: {reason} at byte {}{within}: {message}",
             frame_start + at
         ),
-        None => anyhow::anyhow!("bad {what}: {}{within}: {e}", e.reason()),
+        None => anyhow::anyhow!("bad {what}: {reason}{within}: {message}"),
     }
 }
 
@@ -120,6 +180,7 @@ fn decode_tcp(bytes: &[u8]) -> Result<Value, (FrameError, usize)> {
     if is_login {
         match LoginDecoder::new(Limits::default()).decode(&mut buf) {
             Ok(Some(imei)) => out.push(json!({
+                "protocol": "teltonika",
                 "transport": "tcp",
                 "type": "login",
                 "imei": imei.as_str(),
@@ -146,9 +207,12 @@ fn decode_tcp(bytes: &[u8]) -> Result<Value, (FrameError, usize)> {
 
 fn frame_json(frame: &Frame) -> Value {
     match frame {
-        Frame::KeepAlive => json!({"transport": "tcp", "type": "keep_alive"}),
+        Frame::KeepAlive => {
+            json!({"protocol": "teltonika", "transport": "tcp", "type": "keep_alive"})
+        }
         Frame::Avl(p) => {
             let mut v = packet_json(p);
+            v.insert("protocol".into(), "teltonika".into());
             v.insert("transport".into(), "tcp".into());
             v.insert("type".into(), "avl".into());
             let ack = encode_ack(u32::try_from(p.records.len()).unwrap_or(u32::MAX));
@@ -161,6 +225,7 @@ fn frame_json(frame: &Frame) -> Value {
 
 fn udp_json(d: &trackgate_protocol::UdpDatagram) -> Value {
     let mut v = packet_json(&d.packet);
+    v.insert("protocol".into(), "teltonika".into());
     v.insert("transport".into(), "udp".into());
     v.insert("type".into(), "avl".into());
     v.insert("imei".into(), d.imei.as_str().into());
@@ -210,6 +275,7 @@ fn command_json(c: &Command) -> Value {
         _ => "other",
     };
     let mut v = json!({
+        "protocol": "teltonika",
         "transport": "tcp",
         "type": "command",
         "codec": c.codec.label(),
@@ -229,6 +295,8 @@ fn command_json(c: &Command) -> Value {
     v
 }
 
+mod gt06;
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -241,8 +309,9 @@ mod tests {
 
     #[test]
     fn wiki_codec8_to_redis_fields() {
-        let v = decode_text(WIKI_8, false).unwrap();
+        let v = decode_text(WIKI_8, How::default()).unwrap();
         assert_eq!(v["type"], "avl");
+        assert_eq!(v["protocol"], "teltonika");
         assert_eq!(v["codec"], "8");
         assert_eq!(v["ack_hex"], "00000001");
         let r = &v["records"][0];
@@ -259,7 +328,7 @@ mod tests {
     #[test]
     fn separators_as_copied_from_tools() {
         let spaced = "0x00 0x0F 33:35:36:33:30:37:30:34\n32 34 34 31 30 31 33";
-        let v = decode_text(spaced, false).unwrap();
+        let v = decode_text(spaced, How::default()).unwrap();
         assert_eq!(v["type"], "login");
         assert_eq!(v["imei"], "356307042441013");
     }
@@ -267,25 +336,41 @@ mod tests {
     #[test]
     fn login_then_frames_is_an_array() {
         let text = format!("000F333536333037303432343431303133 FF {WIKI_8}");
-        let v = decode_text(&text, false).unwrap();
+        let v = decode_text(&text, How::default()).unwrap();
         let kinds: Vec<_> = v.as_array().unwrap().iter().map(|f| &f["type"]).collect();
         assert_eq!(kinds, ["login", "keep_alive", "avl"]);
+        assert!(
+            v.as_array()
+                .unwrap()
+                .iter()
+                .all(|f| f["protocol"] == "teltonika")
+        );
     }
 
     #[test]
     fn udp_is_tried_after_tcp() {
         let dg = "003DCAFE0105000F33353230393330383634303336353508010000016B4F815B30010000000000000000000000000000000103021503010101425DBC000001";
-        let v = decode_text(dg, false).unwrap();
+        let v = decode_text(dg, How::default()).unwrap();
         assert_eq!(v["transport"], "udp");
         assert_eq!(v["ack_hex"], "0005cafe010501");
-        assert_eq!(decode_text(dg, true).unwrap(), v);
+        assert_eq!(
+            decode_text(
+                dg,
+                How {
+                    udp: true,
+                    ..How::default()
+                }
+            )
+            .unwrap(),
+            v
+        );
     }
 
     #[test]
     fn command_response() {
         let v = decode_text(
             "00000000000000370C01060000002F4449313A31204449323A30204449333A302041494E313A302041494E323A313639323420444F313A3020444F323A3101000066E3",
-            false,
+            How::default(),
         )
         .unwrap();
         assert_eq!(v["kind_name"], "response");
@@ -299,7 +384,7 @@ mod tests {
     #[test]
     fn bad_crc_names_reason_and_offset() {
         let bad = WIKI_8.replace("C7CF", "C7CE");
-        let err = decode_text(&bad, false).unwrap_err().to_string();
+        let err = decode_text(&bad, How::default()).unwrap_err().to_string();
         assert!(err.starts_with("bad TCP packet: crc at byte 62:"), "{err}");
         assert!(!err.contains('\n'));
     }
@@ -308,7 +393,7 @@ mod tests {
     #[test]
     fn offset_is_absolute_in_a_capture() {
         let bad = WIKI_8.replace("C7CF", "C7CE");
-        let err = decode_text(&format!("FF{bad}"), false)
+        let err = decode_text(&format!("FF{bad}"), How::default())
             .unwrap_err()
             .to_string();
         assert!(
@@ -319,8 +404,8 @@ mod tests {
 
     #[test]
     fn not_hex() {
-        let err = decode_text("00zz", false).unwrap_err().to_string();
+        let err = decode_text("00zz", How::default()).unwrap_err().to_string();
         assert!(err.contains("not hex"), "{err}");
-        assert!(decode_text("000", false).is_err());
+        assert!(decode_text("000", How::default()).is_err());
     }
 }

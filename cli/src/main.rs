@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod command;
 mod decode;
 mod run;
 mod simulate;
@@ -15,12 +16,12 @@ mod simulate;
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Role,
 }
 
 #[derive(Subcommand)]
-enum Command {
-    /// Decode a Teltonika packet given as hex (argument or stdin) and print it as JSON.
+enum Role {
+    /// Decode a Teltonika or GT06 packet given as hex (argument or stdin) and print it as JSON.
     Decode(decode::DecodeArgs),
     /// Simulate Teltonika devices against a listener; report rate and latency; verify Redis.
     Simulate(Box<simulate::SimulateArgs>),
@@ -46,6 +47,9 @@ enum Command {
     },
     /// Print the TrackerPortPool CustomResourceDefinition as YAML.
     Crd,
+    /// Send a command to a device of a pool through Redis and wait for its answer (printed);
+    /// exit 1 when it fails or expires.
+    Command(Box<command::CommandArgs>),
     /// Run a whole TrackerPortPool on this machine, no cluster: allocate its ports as the
     /// operator would, write the shard configs to a state directory and serve every shard.
     Run(run::RunArgs),
@@ -65,20 +69,21 @@ fn main() -> std::process::ExitCode {
 
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Decode(args) => decode::run(args),
-        Command::Simulate(args) => simulate::run_simulate(*args),
-        Command::Listen {
+        Role::Decode(args) => decode::run(args),
+        Role::Simulate(args) => simulate::run_simulate(*args),
+        Role::Listen {
             config,
             admin_addr,
             bind,
         } => tokio::runtime::Runtime::new()?
             .block_on(trackgate_listener::run(config, admin_addr, bind))
             .map_err(Into::into),
-        Command::Operator { admin_addr } => tokio::runtime::Runtime::new()?
+        Role::Operator { admin_addr } => tokio::runtime::Runtime::new()?
             .block_on(trackgate_operator::run(admin_addr))
             .map_err(Into::into),
-        Command::Run(args) => run::run(args),
-        Command::Crd => print_stdout(&trackgate_operator::crd_yaml()),
+        Role::Run(args) => run::run(args),
+        Role::Command(args) => command::run(*args),
+        Role::Crd => print_stdout(&trackgate_operator::crd_yaml()),
     }
 }
 

@@ -13,11 +13,12 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
+use trackgate_api::IdentificationMode;
 use trackgate_api::pool::TrackerPortPool;
 use trackgate_api::shard_config::SHARD_CONFIG_FILE;
 use trackgate_listener::ShardSource;
 use trackgate_operator::allocate::{self, ALLOCATION_TABLE_FILE, Previous};
-use trackgate_operator::desired;
+use trackgate_operator::{desired, shared};
 
 /// Arguments of `trackgate run`.
 #[derive(clap::Args)]
@@ -85,6 +86,10 @@ fn plan(pool_file: &Path, state_dir: &Path) -> anyhow::Result<Plan> {
             .and_then(|data| data.get(key))
             .map(String::as_str)
     };
+    // Shared pools: one listener config, every port, every device; no allocation.
+    if pool.spec.mode == IdentificationMode::Shared {
+        return plan_shared(&name, &pool.spec, source, &dir, text);
+    }
     let (allocation, configs) = desired::plan_local(&name, &pool.spec, source, &previous)
         .with_context(|| format!("pool {name} is invalid"))?;
 
@@ -115,6 +120,44 @@ fn plan(pool_file: &Path, state_dir: &Path) -> anyhow::Result<Plan> {
         eprintln!("  unallocated {imei}: {}", why.reason());
     }
     Ok(Plan { text, shard_files })
+}
+
+/// Writes a shared pool's files as its pod would see them mounted: `shard-0/shard.json`, the
+/// inline list and one file per `devicesFrom` ConfigMap. The listener reloads the lists when a
+/// rewrite (rename, so a new inode) changes them.
+fn plan_shared<'a>(
+    name: &str,
+    spec: &trackgate_api::TrackerPortPoolSpec,
+    source: impl Fn(&str, &str) -> Option<&'a str> + Copy,
+    dir: &Path,
+    text: String,
+) -> anyhow::Result<Plan> {
+    let plan = shared::plan_local(name, spec, source)
+        .with_context(|| format!("pool {name} is invalid"))?;
+    let shard_dir = dir.join(format!("shard-{}", shared::SHARED_INDEX));
+    for (path, contents) in &plan.files {
+        let file = shard_dir.join(path);
+        if let Some(parent) = file.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        write_if_changed(&file, contents)?;
+    }
+    let file = shard_dir.join(SHARD_CONFIG_FILE);
+    write_if_changed(&file, &plan.config.to_json())?;
+    let ports: Vec<u16> = plan.config.ports.iter().map(|b| b.port).collect();
+    eprintln!(
+        "pool {name} (shared): {} devices admitted{} on ports {ports:?}; state in {}",
+        plan.admitted,
+        match spec.admission {
+            trackgate_api::AdmissionMode::Open => " (admission: open, any IMEI)",
+            trackgate_api::AdmissionMode::Listed => "",
+        },
+        dir.display(),
+    );
+    Ok(Plan {
+        text,
+        shard_files: vec![file],
+    })
 }
 
 /// ConfigMap data by ConfigMap name, then key.
@@ -260,6 +303,34 @@ data:
         assert!(!first.shard_files.is_empty() && !second.shard_files.is_empty());
         let config = std::fs::read_to_string(&second.shard_files[0]).unwrap();
         trackgate_api::ShardConfig::from_json(&config).unwrap();
+    }
+
+    /// A shared pool runs as one listener config with every port and every device, its
+    /// `devicesFrom` lists written as the files a pod would mount; an edit rewrites them.
+    #[test]
+    fn a_shared_pool_is_one_config_with_every_port_and_device_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool_file = dir.path().join("pool.yaml");
+        let shared = POOL
+            .replace("mode: dedicated", "mode: shared")
+            .replace("{start: 7000, end: 7009}", "{start: 7000, end: 7002}");
+        std::fs::write(&pool_file, &shared).unwrap();
+        let state = dir.path().join("state");
+        let planned = plan(&pool_file, &state).unwrap();
+        assert_eq!(planned.shard_files.len(), 1);
+        let config = trackgate_api::ShardConfig::from_json(
+            &std::fs::read_to_string(&planned.shard_files[0]).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(config.ports.len(), 3);
+        let base = planned.shard_files[0].parent().unwrap();
+        let read = |f: &str| std::fs::read_to_string(base.join(f)).unwrap();
+        assert_eq!(read(&config.device_files[0]), "356307042441013\n");
+        assert!(read(&config.device_files[1]).contains("123456789012345"));
+
+        std::fs::write(&pool_file, shared.replace("    123456789012345\n", "")).unwrap();
+        plan(&pool_file, &state).unwrap();
+        assert!(!read(&config.device_files[1]).contains("123456789012345"));
     }
 
     #[test]

@@ -156,10 +156,18 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("read {}", path.display()))?;
-            Some(
-                ShardConfig::from_json(&text)
-                    .with_context(|| format!("parse {}", path.display()))?,
-            )
+            let mut shard = ShardConfig::from_json(&text)
+                .with_context(|| format!("parse {}", path.display()))?;
+            // A shared pool's devices live in files beside the config, as the pod mounts them.
+            let base = path.parent().unwrap_or(std::path::Path::new(""));
+            for file in std::mem::take(&mut shard.device_files) {
+                let list = base.join(&file);
+                let text = std::fs::read_to_string(&list)
+                    .with_context(|| format!("read {}", list.display()))?;
+                trackgate_api::imei_list::parse(&text, |imei| shard.devices.push(imei.to_string()))
+                    .with_context(|| format!("parse {}", list.display()))?;
+            }
+            Some(shard)
         }
         None => None,
     };

@@ -22,6 +22,22 @@ pub enum StartError {
         /// What is wrong with it.
         source: trackgate_api::shard_config::ShardConfigError,
     },
+    /// A device list file (`deviceFiles`) could not be read.
+    #[error("reading device list {path}: {source}")]
+    ReadDevices {
+        /// The file.
+        path: PathBuf,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// A device list file holds a line that is not an IMEI.
+    #[error("device list {path}: {source}")]
+    Devices {
+        /// The file.
+        path: PathBuf,
+        /// The line.
+        source: trackgate_api::imei_list::ImeiLineError,
+    },
     /// A port could not be bound.
     #[error("binding {proto} port {port}: {source}")]
     Bind {

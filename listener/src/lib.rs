@@ -15,10 +15,12 @@
 //! protocol parsing (that is `trackgate-protocol`), no Kubernetes client.
 //!
 //! Module map: `server` (accept loops, limits, reload, shutdown), `session` (one device),
-//! `udp`, `sink` (the only module that knows Redis), `config`, `metrics`. The Redis layout (key names, fields, fingerprint, store script) is
-//! [`trackgate_api::redis_layout`].
+//! `udp`, `sink` (the data path's Redis), `publisher`, `redis_conn`, `command` (commands to
+//! devices, with their own Redis connections), `config`, `metrics`. The Redis layout (key names,
+//! fields, fingerprint, store script) is [`trackgate_api::redis_layout`].
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+mod command;
 mod config;
 mod error;
 mod metrics;
@@ -41,7 +43,10 @@ pub use config::load as load_shard_config;
 pub use error::{CloseReason, PublishError, StartError};
 pub use metrics::{METRIC_NAMES, Metrics};
 pub use redis_conn::RedisTlsFiles;
-pub use server::{BoundPort, DEFAULT_REDIS_URL, Listener, ListenerOptions, ShardSource};
+pub use server::{
+    BoundPort, COMMAND_RESPONSE_TIMEOUT_ENV, DEFAULT_REDIS_URL, Listener, ListenerOptions,
+    ShardSource,
+};
 pub use sink::MAX_BATCH_CALLS;
 
 /// `trackgate listen`: sets up logging, then [`serve`]s one shard config file.
@@ -92,22 +97,33 @@ pub async fn serve(
     let admin = tokio::net::TcpListener::bind(admin_addr)
         .await
         .map_err(StartError::Admin)?;
+    let drain_delay = options.drain_delay;
     let listener = Listener::start(options, sources, &registry, health.clone()).await?;
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(trackgate_telemetry::serve(
         admin,
         registry,
-        health,
+        health.clone(),
         admin_stop.clone().cancelled_owned(),
     ));
     info!(%admin_addr, ports = listener.bound_ports().len(), "listening");
     wait_for_signal().await.map_err(StartError::Admin)?;
+    if !drain_delay.is_zero() {
+        // the load balancer's health check sees /readyz fail and stops sending new devices;
+        // until then a device that is sent here still gets in
+        health.set_ready(DRAINING, false);
+        info!(delay = ?drain_delay, "draining: /readyz fails, still accepting");
+        tokio::time::sleep(drain_delay).await;
+    }
     info!("shutting down: no new connections, finishing in-flight frames");
     listener.shutdown().await;
     admin_stop.cancel();
     let _ = admin_task.await;
     Ok(())
 }
+
+/// Readiness condition that fails from SIGTERM on.
+pub const DRAINING: &str = "not-draining";
 
 async fn wait_for_signal() -> std::io::Result<()> {
     #[cfg(unix)]

@@ -30,6 +30,10 @@ pub struct Metrics {
     pub(crate) sessions_closed: IntCounterVec,
     pub(crate) inflight_bytes: IntGauge,
     pub(crate) events_dropped: IntCounterVec,
+    pub(crate) commands: IntCounterVec,
+    pub(crate) command_failures: IntCounterVec,
+    pub(crate) command_response: HistogramVec,
+    pub(crate) command_queue_depth: IntGaugeVec,
 }
 
 /// The metric names this crate registers (a golden list for tests and dashboards).
@@ -49,6 +53,16 @@ pub const METRIC_NAMES: &[&str] = &[
     "trackgate_listener_sessions_closed_total",
     "trackgate_listener_inflight_bytes",
     "trackgate_listener_events_dropped_total",
+    "trackgate_listener_commands_total",
+    "trackgate_listener_command_failures_total",
+    "trackgate_listener_command_response_seconds",
+    "trackgate_listener_command_queue_depth",
+];
+
+/// Command answer latency buckets: a device on a good link answers in well under a second, a
+/// slow one in seconds; past a minute it has timed out.
+const COMMAND_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
 impl Metrics {
@@ -83,6 +97,23 @@ impl Metrics {
             "Bytes of received frames waiting for Redis (bounded by the in-flight cap).",
         )?;
         registry.register(Box::new(inflight_bytes.clone()))?;
+        let command_response = HistogramVec::new(
+            HistogramOpts::new(
+                "trackgate_listener_command_response_seconds",
+                "Command written to the device to its answer (or Codec 14 refusal) recorded.",
+            )
+            .buckets(COMMAND_BUCKETS.to_vec()),
+            &["pool"],
+        )?;
+        registry.register(Box::new(command_response.clone()))?;
+        let command_queue_depth = IntGaugeVec::new(
+            Opts::new(
+                "trackgate_listener_command_queue_depth",
+                "Commands of the pool without a final status (queued or outstanding), as this listener last saw them in Redis.",
+            ),
+            &["pool"],
+        )?;
+        registry.register(Box::new(command_queue_depth.clone()))?;
         Ok(Self {
             connections_accepted: counter(
                 "trackgate_listener_connections_accepted_total",
@@ -149,6 +180,18 @@ impl Metrics {
                 "Best-effort events and device-state updates dropped (queue full or Redis down).",
                 &["pool"],
             )?,
+            commands: counter(
+                "trackgate_listener_commands_total",
+                "Command status changes recorded by this listener, by status (queued, sent, answered, expired, failed).",
+                &["pool", "status"],
+            )?,
+            command_failures: counter(
+                "trackgate_listener_command_failures_total",
+                "Commands failed, by reason (refused, timeout, malformed, too_large, unknown_imei).",
+                &["pool", "reason"],
+            )?,
+            command_response,
+            command_queue_depth,
         })
     }
 }
@@ -166,6 +209,8 @@ mod tests {
         m.connections_open.with_label_values(&["p", "0"]).set(1);
         m.publish_duration.with_label_values(&["p"]).observe(0.001);
         m.ack_delay.with_label_values(&["p"]).observe(0.001);
+        m.command_response.with_label_values(&["p"]).observe(0.1);
+        m.command_queue_depth.with_label_values(&["p"]).set(2);
         for c in [
             &m.connections_accepted,
             &m.frames,
@@ -177,6 +222,8 @@ mod tests {
             &m.sessions_closed,
             &m.logins,
             &m.events_dropped,
+            &m.commands,
+            &m.command_failures,
         ] {
             let labels: Vec<&str> = match c.desc()[0].variable_labels.len() {
                 1 => vec!["p"],

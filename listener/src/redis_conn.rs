@@ -72,6 +72,27 @@ impl RedisTlsFiles {
     }
 }
 
+/// A client for one server with the pool's TLS files, or `None` for a cluster URL (the command
+/// path's Pub/Sub and blocking reads need one server; see docs/operations.md).
+///
+/// # Errors
+/// A malformed URL or unreadable TLS files.
+pub(crate) fn single_client(url: &str, tls: &RedisTlsFiles) -> RedisResult<Option<redis::Client>> {
+    let is_cluster = redis_layout::cluster_nodes(url)
+        .map_err(|why| {
+            RedisError::from((redis::ErrorKind::InvalidClientConfig, "cluster URL", why))
+        })?
+        .is_some();
+    if is_cluster {
+        return Ok(None);
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    Ok(Some(match tls.load()? {
+        Some(certs) => redis::Client::build_with_tls(url, certs)?,
+        None => redis::Client::open(url)?,
+    }))
+}
+
 /// A multiplexed connection to one server or to a cluster; cheap to clone.
 #[derive(Clone)]
 pub(crate) enum RedisConn {

@@ -21,10 +21,13 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
-use trackgate_api::ShardConfig;
+use trackgate_api::imei_list::ImeiSet;
+use trackgate_api::redis_layout as layout;
+use trackgate_api::{IdentificationMode, ShardConfig};
 use trackgate_telemetry::{Health, Heartbeat};
 
-use crate::config::{self, ShardView};
+use crate::command::{CommandOptions, Commands};
+use crate::config::{self, FileStamp, ShardView};
 use crate::error::StartError;
 use crate::metrics::Metrics;
 use crate::redis_conn::RedisTlsFiles;
@@ -58,6 +61,9 @@ pub struct ListenerOptions {
     pub reload_interval: Duration,
     /// How long shutdown waits for sessions to finish their in-flight frame.
     pub shutdown_grace: Duration,
+    /// After SIGTERM, how long `/readyz` fails while the ports still accept, before the drain
+    /// (`TRACKGATE_DRAIN_DELAY_SECONDS`; 0 by default, the operator sets it for pods).
+    pub drain_delay: Duration,
     /// How long one frame may keep failing to store before its connection is closed unacked.
     pub publish_retry_for: Duration,
     /// Redis connect and response timeout for one batch.
@@ -72,6 +78,10 @@ pub struct ListenerOptions {
     pub dedup_ttl: Duration,
     /// `/livez` fails when an accept loop, the publisher or the runtime is silent this long.
     pub liveness_max_silence: Duration,
+    /// How long a device has to answer a command before it is `failed: timeout` and the
+    /// device's next command goes out. Teltonika devices answer within seconds; a minute
+    /// leaves room for a slow link without holding a device's queue for long.
+    pub command_response_timeout: Duration,
 }
 
 impl Default for ListenerOptions {
@@ -83,22 +93,27 @@ impl Default for ListenerOptions {
             pod_name: "trackgate-listener".to_owned(),
             reload_interval: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(20),
+            drain_delay: Duration::ZERO,
             publish_retry_for: Duration::from_secs(10),
             redis_timeout: Duration::from_secs(2),
             max_inflight_bytes: 64 * 1024 * 1024,
             dedup_records: 128,
             dedup_ttl: Duration::from_secs(7 * 24 * 3600),
             liveness_max_silence: Duration::from_secs(15),
+            command_response_timeout: Duration::from_secs(60),
         }
     }
 }
+
+/// Overrides [`ListenerOptions::command_response_timeout`], in milliseconds.
+pub const COMMAND_RESPONSE_TIMEOUT_ENV: &str = "TRACKGATE_COMMAND_RESPONSE_TIMEOUT_MS";
 
 /// Redis URL used when `TRACKGATE_REDIS_URL` is unset.
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/";
 
 impl ListenerOptions {
-    /// Defaults, with `redis_url` from `TRACKGATE_REDIS_URL` and `pod_name` from `POD_NAME`
-    /// (or `HOSTNAME`). Returns whether the Redis URL came from the environment.
+    /// Defaults, with `redis_url` from `TRACKGATE_REDIS_URL`, `pod_name` from `POD_NAME`
+    /// (or `HOSTNAME`) and the command response timeout from [`COMMAND_RESPONSE_TIMEOUT_ENV`]. Returns whether the Redis URL came from the environment.
     pub fn from_env() -> (Self, bool) {
         let mut options = Self::default();
         let from_env = match std::env::var(trackgate_api::shard_config::REDIS_URL_ENV) {
@@ -118,11 +133,24 @@ impl ListenerOptions {
             client_cert_file: file(trackgate_api::shard_config::REDIS_CLIENT_CERT_FILE_ENV),
             client_key_file: file(trackgate_api::shard_config::REDIS_CLIENT_KEY_FILE_ENV),
         };
+        if let Some(secs) = std::env::var(trackgate_api::shard_config::DRAIN_DELAY_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+        {
+            options.drain_delay = Duration::from_secs(secs);
+        }
         if let Some(pod) = ["POD_NAME", "HOSTNAME"]
             .iter()
             .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
         {
             options.pod_name = pod;
+        }
+        if let Some(ms) = std::env::var(COMMAND_RESPONSE_TIMEOUT_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|ms| *ms > 0)
+        {
+            options.command_response_timeout = Duration::from_millis(ms);
         }
         (options, from_env)
     }
@@ -192,7 +220,7 @@ impl Listener {
         let metrics = Metrics::register(registry)?;
         let mut configs = Vec::with_capacity(sources.len());
         for source in &sources {
-            configs.push(match source {
+            let (config, file) = match source {
                 ShardSource::File(path) => {
                     let (config, text) = config::load(path)?;
                     (config, Some((path.clone(), text)))
@@ -204,12 +232,25 @@ impl Listener {
                     })?;
                     (config.clone(), None)
                 }
-            });
+            };
+            let base = config::base_dir(file.as_ref().map(|(path, _)| path.as_path()));
+            let loaded = Instant::now();
+            let stamps = config::device_stamps(&config, &base);
+            let devices = Arc::new(config::load_devices(&config, &base)?);
+            if config.mode == IdentificationMode::Shared {
+                info!(pool = %config.pool, devices = devices.len(), bytes = devices.heap_bytes(),
+                    took = ?loaded.elapsed(), "admitted devices loaded");
+            }
+            configs.push((
+                config,
+                devices,
+                file.map(|(path, text)| (path, text, stamps)),
+            ));
         }
-        for (i, (a, _)) in configs.iter().enumerate() {
+        for (i, (a, _, _)) in configs.iter().enumerate() {
             if configs[..i]
                 .iter()
-                .any(|(b, _)| a.pool == b.pool && a.shard == b.shard)
+                .any(|(b, _, _)| a.pool == b.pool && a.shard == b.shard)
             {
                 return Err(StartError::Conflict(format!("{}/{}", a.pool, a.shard)));
             }
@@ -227,12 +268,34 @@ impl Listener {
                 dedup_records: options.dedup_records,
                 dedup_ttl: options.dedup_ttl,
                 heartbeat_max_silence: options.liveness_max_silence,
-                durability: configs.iter().map(|(c, _)| c.redis.durability).collect(),
+                durability: configs.iter().map(|(c, _, _)| c.redis.durability).collect(),
             },
             metrics.clone(),
             &health,
             publisher_stop.clone(),
         )?;
+        let commands =
+            match crate::redis_conn::single_client(&options.redis_url, &options.redis_tls)
+                .map_err(StartError::RedisUrl)?
+            {
+                Some(client) => Some(
+                    Commands::start(
+                        client,
+                        CommandOptions {
+                            redis_timeout: options.redis_timeout,
+                            owner: lease_owner(&options.pod_name),
+                            response_timeout: options.command_response_timeout,
+                        },
+                        metrics.clone(),
+                        publisher_stop.clone(),
+                    )
+                    .map_err(StartError::RedisUrl)?,
+                ),
+                None => {
+                    warn!("commands to devices are not served on a Redis Cluster; data is");
+                    None
+                }
+            };
         let env = Arc::new(Env {
             health: health.clone(),
             metrics: metrics.clone(),
@@ -255,14 +318,22 @@ impl Listener {
             publisher: Some(publisher),
             shutdown_grace: env.options.shutdown_grace,
         };
-        for (config, file) in configs {
-            let shard = Shard::new(config.clone(), sink.clone(), &env, session_stop.clone());
-            if let Err(err) = shard.apply(config, &env).await {
+        for (config, devices, file) in configs {
+            let shard = Shard::new(
+                config.clone(),
+                Arc::clone(&devices),
+                sink.clone(),
+                commands.clone(),
+                &env,
+                session_stop.clone(),
+            );
+            if let Err(err) = shard.apply(config, devices, &env).await {
                 listener.abort();
                 return Err(err);
             }
-            if let Some((path, text)) = file {
-                tokio::spawn(watch_file(path, text, Arc::clone(&shard), Arc::clone(&env)));
+            if let Some((path, text, stamps)) = file {
+                let seen = Seen { text, stamps };
+                tokio::spawn(watch_file(path, seen, Arc::clone(&shard), Arc::clone(&env)));
             }
             listener.shards.push(shard);
         }
@@ -335,6 +406,16 @@ impl Drop for Listener {
     }
 }
 
+/// This process's name in device leases and as the command-stream consumer: the pod name and
+/// the start time, so a restarted container (same pod name) is a new owner.
+fn lease_owner(pod: &str) -> String {
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{pod}-{started:x}")
+}
+
 async fn runtime_heartbeat(heartbeat: Arc<Heartbeat>, stop: CancellationToken) {
     // A timer task on the shared runtime: it goes stale when no worker can run tasks.
     while tokio::time::timeout(BEAT_EVERY, stop.cancelled())
@@ -354,6 +435,9 @@ struct Shard {
     ports: Mutex<BTreeMap<u16, PortHandle>>,
     connections: Arc<Semaphore>,
     rate: Mutex<TokenBucket>,
+    /// Whether the shard's devices were handed to the command side once (all of them then,
+    /// the differences on reload).
+    members_registered: std::sync::atomic::AtomicBool,
 }
 
 struct PortHandle {
@@ -363,10 +447,17 @@ struct PortHandle {
 }
 
 impl Shard {
-    fn new(config: ShardConfig, sink: Sink, env: &Env, stop: CancellationToken) -> Arc<Self> {
+    fn new(
+        config: ShardConfig,
+        devices: Arc<ImeiSet>,
+        sink: Sink,
+        commands: Option<Commands>,
+        env: &Env,
+        stop: CancellationToken,
+    ) -> Arc<Self> {
         let limits = config.limits.clone();
         let index = config.shard;
-        let (view, view_rx) = watch::channel(Arc::new(ShardView::new(config.clone())));
+        let (view, view_rx) = watch::channel(Arc::new(ShardView::new(config.clone(), devices)));
         Arc::new(Self {
             index,
             ctx: Arc::new(ShardContext {
@@ -374,6 +465,7 @@ impl Shard {
                 shard: index.to_string(),
                 view: view_rx,
                 sink,
+                commands,
                 metrics: env.metrics.clone(),
                 stop,
                 publish_retry_for: env.options.publish_retry_for,
@@ -383,6 +475,7 @@ impl Shard {
             // NB: sized once at start; a reload that changes maxConnections applies on restart.
             connections: Arc::new(Semaphore::new(limits.max_connections as usize)),
             rate: Mutex::new(TokenBucket::new(limits.accept_rate_per_second)),
+            members_registered: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -391,14 +484,31 @@ impl Shard {
     async fn apply(
         self: &Arc<Self>,
         config: ShardConfig,
+        devices: Arc<ImeiSet>,
         env: &Arc<Env>,
     ) -> Result<(), StartError> {
         if config.pool != self.ctx.pool || config.shard != self.index {
             warn!(pool = %config.pool, shard = config.shard, "a reload cannot rename the pool or shard; restart instead");
             return Ok(());
         }
-        let view = Arc::new(ShardView::new(config));
-        self.view.send_replace(Arc::clone(&view));
+        let view = Arc::new(ShardView::new(config, devices));
+        let old = self.view.send_replace(Arc::clone(&view));
+        if let Some(commands) = &self.ctx.commands {
+            // The first apply registers every device; later ones the difference.
+            let first = !self
+                .members_registered
+                .swap(true, std::sync::atomic::Ordering::Relaxed);
+            let before = if first { Vec::new() } else { old.members() };
+            let (mut added, mut removed) = member_changes(&before, &view.members());
+            // Open admission: any IMEI is a member, written as one wildcard field.
+            let was_open = !first && old.admits_any();
+            match (was_open, view.admits_any()) {
+                (false, true) => added.push(layout::ANY_MEMBER.to_owned()),
+                (true, false) => removed.push(layout::ANY_MEMBER.to_owned()),
+                _ => {}
+            }
+            commands.serve_shard(&view.keys.commands, self.index, added, removed);
+        }
         let wanted: BTreeMap<u16, ()> = view.ports().map(|p| (p, ())).collect();
         let udp = view.config.udp;
         let mut to_bind = Vec::new();
@@ -613,7 +723,14 @@ pub(crate) async fn stall(freeze: &mut watch::Receiver<bool>, stop: &Cancellatio
     }
 }
 
-async fn watch_file(path: PathBuf, mut last: String, shard: Arc<Shard>, env: Arc<Env>) {
+/// What the watcher last acted on: the config text and the stamps of its device files.
+struct Seen {
+    text: String,
+    stamps: Vec<Option<FileStamp>>,
+}
+
+async fn watch_file(path: PathBuf, mut seen: Seen, shard: Arc<Shard>, env: Arc<Env>) {
+    let base = config::base_dir(Some(&path));
     let mut tick = tokio::time::interval(env.options.reload_interval);
     loop {
         tokio::select! {
@@ -621,30 +738,71 @@ async fn watch_file(path: PathBuf, mut last: String, shard: Arc<Shard>, env: Arc
             _ = tick.tick() => {}
         }
         let text = match tokio::fs::read_to_string(&path).await {
-            Ok(text) if text != last => text,
-            Ok(_) => continue,
+            Ok(text) => text,
             Err(err) => {
                 warn!(path = %path.display(), %err, "shard config unreadable; keeping the current one");
                 continue;
             }
         };
-        match ShardConfig::from_json(&text) {
-            Ok(config) => {
-                info!(path = %path.display(), ports = config.ports.len(), "shard config changed: reloading");
-                let result = shard.apply(config, &env).await;
-                env.health.set_ready(PORTS_READY, result.is_ok());
-                // A port that could not be bound is retried on the next tick.
-                if result.is_ok() {
-                    last = text;
-                }
-            }
+        let current = Arc::clone(&shard.view.borrow());
+        if text == seen.text && config::device_stamps(&current.config, &base) == seen.stamps {
+            continue;
+        }
+        let config = match ShardConfig::from_json(&text) {
+            Ok(config) => config,
             Err(err) => {
                 // Remembered, so a broken file is logged once, not every second.
-                last = text;
+                seen.text = text;
                 warn!(path = %path.display(), %err, "invalid shard config; keeping the current one");
+                continue;
             }
+        };
+        // Stamps first: a file that changes while it is read is read again on the next tick.
+        let stamps = config::device_stamps(&config, &base);
+        let same_devices = stamps == seen.stamps
+            && config.mode == current.config.mode
+            && config.devices == current.config.devices
+            && config.device_files == current.config.device_files;
+        let devices = if same_devices {
+            Arc::clone(current.devices())
+        } else {
+            match load_devices_off_runtime(&config, &base).await {
+                Ok(devices) => devices,
+                Err(err) => {
+                    seen = Seen { text, stamps };
+                    warn!(%err, "device list unusable; keeping the current devices and config");
+                    continue;
+                }
+            }
+        };
+        info!(path = %path.display(), ports = config.ports.len(), devices = devices.len(),
+            "shard config or device list changed: reloading");
+        let result = shard.apply(config, devices, &env).await;
+        env.health.set_ready(PORTS_READY, result.is_ok());
+        // A port that could not be bound is retried on the next tick.
+        if result.is_ok() {
+            seen = Seen { text, stamps };
         }
     }
+}
+
+/// A million-line device list takes a moment to parse: off the async workers, so sessions
+/// keep being served meanwhile.
+async fn load_devices_off_runtime(
+    config: &ShardConfig,
+    base: &std::path::Path,
+) -> Result<Arc<ImeiSet>, StartError> {
+    let (config, dir) = (config.clone(), base.to_owned());
+    let started = Instant::now();
+    let devices = tokio::task::spawn_blocking(move || config::load_devices(&config, &dir))
+        .await
+        // NB: only a panic in the parser (a bug) or runtime shutdown gets here.
+        .map_err(|err| StartError::ReadDevices {
+            path: base.to_owned(),
+            source: std::io::Error::other(err.to_string()),
+        })??;
+    info!(devices = devices.len(), bytes = devices.heap_bytes(), took = ?started.elapsed(), "admitted devices loaded");
+    Ok(Arc::new(devices))
 }
 
 // === Accept rate ===
@@ -684,6 +842,36 @@ impl TokenBucket {
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Held for map updates only; a poisoned map is still consistent.
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What changed between two sorted member lists: (added, removed), as IMEI strings. A linear
+/// merge: a shared pool's list can hold millions.
+fn member_changes(before: &[u64], after: &[u64]) -> (Vec<String>, Vec<String>) {
+    let name = |n: u64| trackgate_protocol::Imei::from_u64(n).map(|i| i.as_str().to_owned());
+    let (mut added, mut removed) = (Vec::new(), Vec::new());
+    let (mut b, mut a) = (before.iter().peekable(), after.iter().peekable());
+    loop {
+        match (b.peek(), a.peek()) {
+            (Some(&&x), Some(&&y)) if x == y => {
+                b.next();
+                a.next();
+            }
+            (Some(&&x), Some(&&y)) if x < y => {
+                removed.extend(name(x));
+                b.next();
+            }
+            (_, Some(&&y)) => {
+                added.extend(name(y));
+                a.next();
+            }
+            (Some(&&x), None) => {
+                removed.extend(name(x));
+                b.next();
+            }
+            (None, None) => break,
+        }
+    }
+    (added, removed)
 }
 
 #[cfg(test)]

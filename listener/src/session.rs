@@ -20,6 +20,7 @@ use trackgate_protocol::{
     login_reply,
 };
 
+use crate::command::{CommandLink, Commands, Outgoing};
 use crate::config::{Admission, ShardView};
 use crate::error::{CloseReason, PublishError};
 use crate::metrics::Metrics;
@@ -38,6 +39,8 @@ pub(crate) struct ShardContext {
     pub(crate) shard: String,
     pub(crate) view: watch::Receiver<Arc<ShardView>>,
     pub(crate) sink: Sink,
+    /// Commands to devices (`None` in unit tests without Redis).
+    pub(crate) commands: Option<Commands>,
     pub(crate) metrics: Metrics,
     /// Cancelled at shutdown: a session finishes the frame it is storing, then closes.
     pub(crate) stop: CancellationToken,
@@ -155,7 +158,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 () = self.ctx.stop.cancelled() => return Err(CloseReason::Shutdown),
             }
         };
-        let admission = self.view.borrow().admit(self.port, imei.as_str());
+        let admission = self.view.borrow().admit(self.port, &imei);
         self.count_login(admission.label());
         self.event(Event::Login {
             imei: imei.as_str(),
@@ -193,6 +196,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     // === Frames ===
 
     async fn frames(&mut self, limits: SessionLimits, imei: &Imei) -> CloseReason {
+        // Dropped when the session ends, which detaches the device from the command side.
+        let mut link = self
+            .ctx
+            .commands
+            .as_ref()
+            .map(|c| c.attach(&self.keys.commands, *imei));
         let idle = limits.idle_timeout;
         let mut decoder = FrameDecoder::new(limits.frame);
         let mut idle_deadline = Instant::now() + idle;
@@ -204,6 +213,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             match decoder.decode(&mut self.buf) {
                 Ok(Some(frame)) => {
                     let size = before.saturating_sub(self.buf.len());
+                    if let (Frame::Command(command), Some(link)) = (&frame, &link) {
+                        link.on_frame(command);
+                    }
                     if let Err(reason) = self.handle(frame, size, imei).await {
                         return reason;
                     }
@@ -216,7 +228,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     continue;
                 }
                 Ok(None) => {}
-                Err(err) => return self.malformed(&err),
+                Err(err) => {
+                    if let Some(link) = &link {
+                        link.on_malformed();
+                    }
+                    return self.malformed(&err);
+                }
             }
             if self.ctx.stop.is_cancelled() {
                 return CloseReason::Shutdown;
@@ -228,7 +245,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     if changed.is_err() {
                         return CloseReason::Shutdown;
                     }
-                    let admission = self.view.borrow_and_update().admit(self.port, imei.as_str());
+                    let admission = self.view.borrow_and_update().admit(self.port, imei);
                     if admission != Admission::Accepted {
                         info!(result = admission.label(), "device or port removed from the config");
                         return CloseReason::ConfigRemoved;
@@ -243,6 +260,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 () = tokio::time::sleep_until(idle_deadline) => {
                     debug!(?idle, "idle timeout");
                     return CloseReason::IdleTimeout;
+                }
+                out = next_command(&mut link) => {
+                    let written = self.stream.write_all(&out.frame).await.is_ok();
+                    let _ = out.written.send(written);
+                    if !written {
+                        return CloseReason::Io;
+                    }
                 }
             }
         }
@@ -367,6 +391,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 }
 
+/// The next command frame for the device; never ready without a command side.
+async fn next_command(link: &mut Option<CommandLink>) -> Outgoing {
+    match link {
+        Some(link) => link.next().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Stores one frame, retrying with backoff within the shard's bound; `Err` means "do not ack,
 /// close": the device keeps the records and resends them later.
 pub(crate) async fn publish(ctx: &ShardContext, call: &Arc<StoreCall>) -> Result<u32, CloseReason> {
@@ -430,12 +462,13 @@ mod tests {
         ))
         .unwrap();
         // The sender stays with the test: a session reads a closed view channel as shutdown.
-        let (tx, view) = watch::channel(Arc::new(ShardView::new(config)));
+        let (tx, view) = watch::channel(Arc::new(ShardView::new(config, Arc::default())));
         let ctx = Arc::new(ShardContext {
             pool: "p".into(),
             shard: "0".into(),
             view,
             sink,
+            commands: None,
             metrics,
             stop: CancellationToken::new(),
             publish_retry_for: Duration::from_secs(1),

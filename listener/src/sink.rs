@@ -1,4 +1,5 @@
-//! The Redis Streams publisher — the only module that knows Redis.
+//! The Redis Streams publisher — with `command::store` (the command path's own connections),
+//! the only module that knows Redis.
 //!
 //! ```text
 //!  session ─┐ StoreCall + oneshot        ┌─ EVALSHA store_readings (one per frame) ─┐
@@ -39,6 +40,7 @@ use trackgate_api::redis_layout::{self as layout, STORE_READINGS_LUA, StoreArgs}
 use trackgate_protocol::{AvlRecord, Codec, Imei};
 use trackgate_telemetry::Health;
 
+use crate::command::PoolKeys;
 use crate::error::{PublishError, StartError};
 use crate::metrics::Metrics;
 use crate::publisher::{Batcher, DURABILITY_READY, Publisher, REDIS_READY, run_side_writes};
@@ -79,6 +81,8 @@ pub(crate) struct ShardKeys {
     pub(crate) partitions: u32,
     pub(crate) max_len: u64,
     pub(crate) durability: Durability,
+    /// The pool's command keys.
+    pub(crate) commands: Arc<PoolKeys>,
 }
 
 impl ShardKeys {
@@ -89,6 +93,11 @@ impl ShardKeys {
             partitions: config.redis.partitions,
             max_len: config.redis.max_len,
             durability: config.redis.durability,
+            commands: Arc::new(PoolKeys::new(
+                &config.redis.stream_prefix,
+                &config.pool,
+                config.redis.max_len,
+            )),
         }
     }
 }

@@ -102,7 +102,7 @@ async fn handle(
         }
     };
     let imei = &parsed.imei;
-    let admission = view.admit(port, imei.as_str());
+    let admission = view.admit(port, imei);
     ctx.metrics
         .logins
         .with_label_values(&[pool, admission.label()])

@@ -440,17 +440,15 @@ pub fn is_imei(s: &str) -> bool {
 /// # Errors
 /// The first line that is not an IMEI.
 pub fn parse_imei_list(text: &str) -> Result<Vec<String>, LineError> {
+    // NB: the format's one home is `trackgate_api::imei_list`, which the listeners read too.
     let mut out = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
+    trackgate_api::imei_list::parse(text, |imei| out.push(imei.to_string())).map_err(|e| {
+        LineError {
+            line: e.line,
+            text: e.text,
+            expected: "a 15-digit IMEI",
         }
-        if !is_imei(line) {
-            return Err(line_error(n, line, "a 15-digit IMEI"));
-        }
-        out.push(line.to_owned());
-    }
+    })?;
     Ok(out)
 }
 

@@ -6,7 +6,7 @@
 #[non_exhaustive]
 pub enum Error {
     /// The Kubernetes API refused or failed a request.
-    #[error("kubernetes API: {0}")]
+    #[error("kubernetes API: {}", message(.0))]
     Kube(#[from] kube::Error),
     /// The pool has no namespace (the CRD is namespaced; only a broken client sends this).
     #[error("pool has no namespace")]
@@ -23,5 +23,14 @@ impl Error {
             Self::Kube(_) => "transport",
             Self::NotNamespaced => "not_namespaced",
         }
+    }
+}
+
+/// A kube error in one line: the API server's code and message, not kube's `Debug` dump of the
+/// whole `Status` (which is what its `Display` prints).
+pub fn message(err: &kube::Error) -> String {
+    match err {
+        kube::Error::Api(s) => format!("{} {}: {}", s.code, s.reason, s.message),
+        other => other.to_string(),
     }
 }

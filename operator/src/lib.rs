@@ -6,12 +6,16 @@
 //!  shard CMs ───────┘  (IO shell)    └─ status (pure) ◄──┘     ConfigMap · Deployment · Service · PDB
 //! ```
 //!
-//! [`allocate`], [`desired`] and [`status`] are pure and synchronous: no client, no clock (the
+//! Shared pools skip allocation: [`shared`] turns them into one Deployment and Service.
+//!
+//! [`allocate`], [`record`] (the authoritative allocation record), [`desired`], [`shared`] and [`status`] are pure and synchronous: no client, no clock (the
 //! time is passed in). `trackgate run <pool.yaml>` uses [`desired::plan_local`] to serve a pool
 //! on a laptop with the exact allocation the operator would make.
 
 pub mod allocate;
 pub mod desired;
+pub mod record;
+pub mod shared;
 pub mod status;
 
 pub mod controller;

@@ -25,7 +25,7 @@ pub struct Metrics {
     pub pool_devices: IntGaugeVec,
     /// `trackgate_operator_pool_ports{pool,state}`, state ∈ {allocated, free}.
     pub pool_ports: IntGaugeVec,
-    /// `trackgate_operator_writes_total{verb}`, verb ∈ {apply, delete, status, event}.
+    /// `trackgate_operator_writes_total{verb}`, verb ∈ {create, apply, patch, delete, status, event}.
     pub writes: IntCounterVec,
     /// `trackgate_operator_leader`: 1 while this replica holds the lease.
     pub leader: IntGauge,

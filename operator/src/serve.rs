@@ -20,6 +20,9 @@ use crate::metrics::Metrics;
 pub const LEASE_NAME: &str = "trackgate-operator";
 /// Env var with the listener image (set by the chart to the operator's own image).
 pub const IMAGE_ENV: &str = "TRACKGATE_IMAGE";
+/// Env var with the cluster's node-port range, as the API server's `--service-node-port-range`
+/// (default `30000-32767`); the operator counts the node ports a pool takes against it.
+pub const NODE_PORT_RANGE_ENV: &str = "TRACKGATE_NODE_PORT_RANGE";
 /// Listener image when [`IMAGE_ENV`] is unset (local runs).
 pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/trackgate/trackgate:", env!("CARGO_PKG_VERSION"));
 /// How long a leader holds the lease without renewing it; a crashed leader is replaced
@@ -46,6 +49,9 @@ pub enum ServeError {
     /// Metrics could not be registered.
     #[error("registering metrics")]
     Metrics(#[from] prometheus::Error),
+    /// [`NODE_PORT_RANGE_ENV`] is not a port range.
+    #[error("{NODE_PORT_RANGE_ENV}: {0}")]
+    NodePortRange(String),
     /// Leader election failed to start.
     #[error("starting leader election")]
     Lease(#[from] kube_lease_manager::LeaseManagerError),
@@ -94,6 +100,10 @@ pub async fn run(admin_addr: SocketAddr) -> Result<(), ServeError> {
         }
     });
 
+    let node_ports = match std::env::var(NODE_PORT_RANGE_ENV) {
+        Ok(text) => text.parse().map_err(ServeError::NodePortRange)?,
+        Err(_) => controller::apply::NodePortRange::default(),
+    };
     let client = Client::try_default().await.map_err(ServeError::Client)?;
     let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".to_owned());
     let pod = std::env::var("POD_NAME").ok();
@@ -113,7 +123,8 @@ pub async fn run(admin_addr: SocketAddr) -> Result<(), ServeError> {
     health.set_ready("kubernetes", true);
     info!(%namespace, lease = LEASE_NAME, %image, "operator started; waiting for the lease");
 
-    let ctx = Arc::new(Context::new(client, metrics.clone(), image, pod));
+    let ctx =
+        Arc::new(Context::new(client, metrics.clone(), image, pod).with_node_ports(node_ports));
     let mut stop = stop_rx.clone();
     loop {
         tokio::select! {

@@ -13,19 +13,54 @@ use trackgate_api::{ExposureType, ShardStatus, TrackerPortPool, TrackerPortPoolS
 
 use crate::allocate::{Allocation, Layout, Unallocated};
 use crate::desired::{NLB_LISTENER_LIMIT, SpecError, shard_name};
+use crate::record::RecordError;
+
+/// A write the API server refused (or the operator refused before sending), for `Degraded`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// The `Degraded` reason (`api::conditions::reasons`).
+    pub reason: &'static str,
+    /// `Kind name` of the object.
+    pub object: String,
+    /// The API server's message, or why the operator did not send it.
+    pub message: String,
+}
+
+impl Failure {
+    /// Whether the failed write was a part of `pool`'s allocation record: then nothing of the
+    /// new allocation may be reported (or served) yet.
+    pub fn is_record(&self, pool: &str) -> bool {
+        self.object
+            .strip_prefix("ConfigMap ")
+            .is_some_and(|name| crate::record::is_record_name(pool, name))
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.object, self.message)
+    }
+}
+
+/// Failures named in the `Degraded` message; the rest are counted.
+const FAILURES_SHOWN: usize = 3;
 
 /// What the reconcile computed for the pool.
 #[derive(Debug, Clone, Copy)]
 pub enum Outcome<'a> {
-    /// The pool was allocated and its children applied.
+    /// The pool was allocated and its children applied, except `failures`.
     Allocated {
         /// The allocation.
         allocation: &'a Allocation,
         /// Largest listener count of one LoadBalancer Service.
         max_listeners: usize,
+        /// Writes that failed.
+        failures: &'a [Failure],
     },
     /// The spec cannot be served.
     Invalid(&'a SpecError),
+    /// The previous allocation cannot be known; nothing was changed.
+    RecordLost(&'a RecordError),
 }
 
 /// The children as observed (live objects of this pool).
@@ -37,7 +72,14 @@ pub struct Observed<'a> {
     pub services: &'a [Service],
 }
 
-/// The status `pool` should have now.
+type Cond = (&'static str, &'static str, &'static str, String);
+
+const TRUE: &str = "True";
+const FALSE: &str = "False";
+const UNKNOWN: &str = "Unknown";
+
+/// The status `pool` should have now. Every outcome sets every condition: what the reconcile
+/// could not tell is `Unknown`, never left out.
 pub fn status_for(
     pool: &TrackerPortPool,
     outcome: Outcome<'_>,
@@ -49,34 +91,81 @@ pub fn status_for(
         observed_generation: pool.metadata.generation,
         ..old.clone()
     };
-    let mut conds: Vec<(&'static str, bool, &'static str, String)> = Vec::new();
+    let unknown = |type_: &'static str, why: &str| -> Cond {
+        (type_, UNKNOWN, reasons::UNKNOWN, why.to_owned())
+    };
+    let mut conds: Vec<Cond> = Vec::new();
     match outcome {
         Outcome::Invalid(err) => {
-            conds.push((conditions::DEGRADED, true, err.reason(), err.to_string()));
+            conds.push((conditions::DEGRADED, TRUE, err.reason(), err.to_string()));
+            for t in [
+                conditions::PORTS_ALLOCATED,
+                conditions::LISTENERS_AVAILABLE,
+                conditions::EXPOSURE_WITHIN_LIMITS,
+            ] {
+                conds.push(unknown(t, "the spec cannot be served; see Degraded"));
+            }
             conds.push((
                 conditions::READY,
-                false,
+                FALSE,
                 reasons::POOL_NOT_READY,
                 "the spec cannot be served; see Degraded".to_owned(),
+            ));
+        }
+        Outcome::RecordLost(err) => {
+            conds.push((conditions::DEGRADED, TRUE, err.reason(), err.to_string()));
+            for t in [
+                conditions::PORTS_ALLOCATED,
+                conditions::LISTENERS_AVAILABLE,
+                conditions::EXPOSURE_WITHIN_LIMITS,
+            ] {
+                conds.push(unknown(
+                    t,
+                    "the allocation record is lost; nothing is changed; see Degraded",
+                ));
+            }
+            conds.push((
+                conditions::READY,
+                FALSE,
+                reasons::POOL_NOT_READY,
+                "the allocation record is lost; see Degraded".to_owned(),
             ));
         }
         Outcome::Allocated {
             allocation,
             max_listeners,
+            failures,
         } => {
             let layout = Layout::from_spec(&pool.spec);
             let allocated = allocation.allocated();
-            new.devices = count(allocated + allocation.unallocated.len());
-            new.allocated = count(allocated);
-            new.unallocated = count(allocation.unallocated.len());
-            new.free_ports = allocation.free_ports;
-            new.shards = allocation
+            // an allocation the record does not hold is not reported: the next reconcile must
+            // not take these counts for the history of a pool whose record was lost
+            if !failures.iter().any(|f| f.is_record(&pool.name_any())) {
+                new.devices = count(allocated + allocation.unallocated.len());
+                new.allocated = count(allocated);
+                new.unallocated = count(allocation.unallocated.len());
+                new.free_ports = allocation.free_ports;
+                new.shards = allocation
+                    .shards
+                    .iter()
+                    .map(|(&index, entries)| {
+                        shard_status(pool, &layout, index, entries.len(), observed)
+                    })
+                    .collect();
+            }
+            let replicas = i32::from(pool.spec.sharding.replicas_per_shard);
+            let rolled_out = allocation
                 .shards
-                .iter()
-                .map(|(&index, entries)| {
-                    shard_status(pool, &layout, index, entries.len(), observed)
+                .keys()
+                .filter(|&&index| {
+                    let name = shard_name(&pool.name_any(), index);
+                    observed
+                        .deployments
+                        .iter()
+                        .find(|d| d.name_any() == name)
+                        .is_some_and(|d| is_rolled_out(d, replicas))
                 })
-                .collect();
+                .count();
             let ready = new
                 .shards
                 .iter()
@@ -88,7 +177,7 @@ pub fn status_for(
             conds.push(if ports_ok {
                 (
                     conditions::PORTS_ALLOCATED,
-                    true,
+                    TRUE,
                     reasons::ALL_ALLOCATED,
                     format!("{allocated} devices hold a port"),
                 )
@@ -105,7 +194,7 @@ pub fn status_for(
                     .collect();
                 (
                     conditions::PORTS_ALLOCATED,
-                    false,
+                    FALSE,
                     if pinned {
                         reasons::PINNED_PORT_UNAVAILABLE
                     } else {
@@ -118,30 +207,35 @@ pub fn status_for(
                     ),
                 )
             });
-            let listeners_ok = ready == new.shards.len();
+            let shards = new.shards.len();
+            let listeners_ok = ready == shards && rolled_out == shards;
             conds.push(if new.shards.is_empty() {
                 (
                     conditions::LISTENERS_AVAILABLE,
-                    false,
+                    FALSE,
                     reasons::NO_DEVICES,
                     "the pool has no devices".to_owned(),
                 )
             } else if listeners_ok {
                 (
                     conditions::LISTENERS_AVAILABLE,
-                    true,
+                    TRUE,
                     reasons::ALL_REPLICAS_READY,
                     format!("{ready} shards ready"),
+                )
+            } else if ready == shards {
+                (
+                    conditions::LISTENERS_AVAILABLE,
+                    FALSE,
+                    reasons::ROLLOUT_IN_PROGRESS,
+                    format!("{rolled_out} of {shards} shards run the current pod template"),
                 )
             } else {
                 (
                     conditions::LISTENERS_AVAILABLE,
-                    false,
+                    FALSE,
                     reasons::REPLICAS_NOT_READY,
-                    format!(
-                        "{ready} of {} shards have every replica ready",
-                        new.shards.len()
-                    ),
+                    format!("{ready} of {shards} shards have every replica ready"),
                 )
             });
             let limits_ok = pool.spec.exposure.type_ != ExposureType::LoadBalancer
@@ -149,14 +243,14 @@ pub fn status_for(
             conds.push(if limits_ok {
                 (
                     conditions::EXPOSURE_WITHIN_LIMITS,
-                    true,
+                    TRUE,
                     reasons::WITHIN_LIMITS,
                     "within known load balancer limits".to_owned(),
                 )
             } else {
                 (
                     conditions::EXPOSURE_WITHIN_LIMITS,
-                    false,
+                    FALSE,
                     reasons::AWS_NLB_LISTENER_LIMIT,
                     format!(
                         "a shard Service has {max_listeners} listeners; an AWS NLB takes at most \
@@ -164,32 +258,72 @@ pub fn status_for(
                     ),
                 )
             });
-            conds.push((
-                conditions::DEGRADED,
-                false,
-                reasons::SPEC_VALID,
-                "the spec is valid".to_owned(),
-            ));
-            let all = ports_ok && listeners_ok && !new.shards.is_empty();
+            conds.push(match failures {
+                [] => (
+                    conditions::DEGRADED,
+                    FALSE,
+                    reasons::SPEC_VALID,
+                    "the spec is valid and every object is applied".to_owned(),
+                ),
+                [first, ..] => (
+                    conditions::DEGRADED,
+                    TRUE,
+                    first.reason,
+                    degraded_message(failures),
+                ),
+            });
+            let all = ports_ok && listeners_ok && !new.shards.is_empty() && failures.is_empty();
             conds.push(if all {
                 (
                     conditions::READY,
-                    true,
+                    TRUE,
                     reasons::POOL_READY,
                     "every device holds a port on a ready listener".to_owned(),
                 )
             } else {
                 (
                     conditions::READY,
-                    false,
+                    FALSE,
                     reasons::POOL_NOT_READY,
-                    "see PortsAllocated and ListenersAvailable".to_owned(),
+                    "see PortsAllocated, ListenersAvailable and Degraded".to_owned(),
                 )
             });
         }
     }
     new.conditions = merge_conditions(&old.conditions, conds, pool.metadata.generation, now);
     new
+}
+
+/// "n objects were not applied: A: msg; B: msg; and k more".
+pub(crate) fn degraded_message(failures: &[Failure]) -> String {
+    let shown: Vec<String> = failures
+        .iter()
+        .take(FAILURES_SHOWN)
+        .map(ToString::to_string)
+        .collect();
+    let more = failures.len().saturating_sub(FAILURES_SHOWN);
+    let tail = if more > 0 {
+        format!("; and {more} more")
+    } else {
+        String::new()
+    };
+    format!(
+        "{} object(s) not applied: {}{tail}",
+        failures.len(),
+        shown.join("; ")
+    )
+}
+
+/// Whether a Deployment runs its current template on every wanted replica: the controller has
+/// seen the latest generation and every replica is updated and ready.
+pub fn is_rolled_out(dep: &Deployment, replicas: i32) -> bool {
+    let Some(st) = dep.status.as_ref() else {
+        return false;
+    };
+    let generation = dep.metadata.generation.unwrap_or(0);
+    st.observed_generation.unwrap_or(0) >= generation
+        && st.updated_replicas.unwrap_or(0) >= replicas
+        && st.ready_replicas.unwrap_or(0) >= replicas
 }
 
 fn count(n: usize) -> u32 {
@@ -237,15 +371,15 @@ fn shard_status(
 }
 
 /// Builds the conditions, keeping `lastTransitionTime` of those whose status did not change.
-fn merge_conditions(
+pub(crate) fn merge_conditions(
     old: &[Condition],
-    new: Vec<(&'static str, bool, &'static str, String)>,
+    new: Vec<Cond>,
     generation: Option<i64>,
     now: &Time,
 ) -> Vec<Condition> {
     new.into_iter()
-        .map(|(type_, ok, reason, message)| {
-            let status = if ok { "True" } else { "False" }.to_owned();
+        .map(|(type_, status, reason, message)| {
+            let status = status.to_owned();
             let since = old
                 .iter()
                 .find(|c| c.type_ == type_ && c.status == status)
@@ -318,6 +452,7 @@ mod tests {
             Outcome::Allocated {
                 allocation: &a,
                 max_listeners: 10,
+                failures: &[],
             },
             observed,
             &at(1),
@@ -334,6 +469,71 @@ mod tests {
         assert_eq!(cond(&s, "Degraded").status, "False");
     }
 
+    /// Ready must not be True mid-rollout: every replica ready but on the old template.
+    #[test]
+    fn ready_waits_for_the_rollout_and_failures_are_degraded() {
+        let pool = PoolBuilder::dedicated(5000, 5009).with_devices(2).build();
+        let a = allocate_for(&pool, &Previous::new());
+        let mut dep = ready_deployment("fleet-shard-0", 2);
+        dep.metadata.generation = Some(3);
+        dep.status.as_mut().unwrap().observed_generation = Some(2);
+        dep.status.as_mut().unwrap().updated_replicas = Some(2);
+        let deps = [dep];
+        let observed = Observed {
+            deployments: &deps,
+            services: &[],
+        };
+        let outcome = |failures| Outcome::Allocated {
+            allocation: &a,
+            max_listeners: 2,
+            failures,
+        };
+        let s = status_for(&pool, outcome(&[]), observed, &at(1));
+        assert_eq!(cond(&s, "ListenersAvailable").reason, "RolloutInProgress");
+        assert_eq!(cond(&s, "Ready").status, "False");
+        let mut done = deps.clone();
+        done[0].status.as_mut().unwrap().observed_generation = Some(3);
+        let observed = Observed {
+            deployments: &done,
+            services: &[],
+        };
+        let s = status_for(&pool, outcome(&[]), observed, &at(1));
+        assert_eq!(cond(&s, "Ready").status, "True");
+
+        let failures: Vec<Failure> = (0..5)
+            .map(|n| Failure {
+                reason: reasons::NODE_PORT_IN_USE,
+                object: format!("Service fleet-shard-{n}"),
+                message: "node ports 30152 (held by Service a/b) are taken".into(),
+            })
+            .collect();
+        let s = status_for(&pool, outcome(&failures), observed, &at(1));
+        let d = cond(&s, "Degraded");
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "NodePortInUse")
+        );
+        assert!(
+            d.message
+                .starts_with("5 object(s) not applied: Service fleet-shard-0: node ports"),
+            "{}",
+            d.message
+        );
+        assert!(d.message.ends_with("and 2 more"), "{}", d.message);
+        assert_eq!(cond(&s, "Ready").status, "False");
+    }
+
+    /// A spec error or a lost record keeps every condition, the unknown ones as Unknown.
+    #[test]
+    fn conditions_never_vanish() {
+        let pool = PoolBuilder::dedicated(5000, 5009).with_devices(2).build();
+        let err = SpecError::Invalid("nope".into());
+        let s = status_for(&pool, Outcome::Invalid(&err), Observed::default(), &at(1));
+        assert_eq!(s.conditions.len(), 5);
+        assert_eq!(cond(&s, "PortsAllocated").status, "Unknown");
+        assert_eq!(cond(&s, "ListenersAvailable").status, "Unknown");
+    }
+
     #[test]
     fn full_range_reports_unallocated_devices() {
         let pool = PoolBuilder::dedicated(5000, 5004).with_devices(8).build();
@@ -343,6 +543,7 @@ mod tests {
             Outcome::Allocated {
                 allocation: &a,
                 max_listeners: 5,
+                failures: &[],
             },
             Observed::default(),
             &at(1),
@@ -367,6 +568,7 @@ mod tests {
         let outcome = Outcome::Allocated {
             allocation: &a,
             max_listeners: 2,
+            failures: &[],
         };
         let first = status_for(&pool, outcome, Observed::default(), &at(1));
         pool.status = Some(first.clone());
@@ -410,6 +612,7 @@ mod tests {
             Outcome::Allocated {
                 allocation: &a,
                 max_listeners: 1,
+                failures: &[],
             },
             observed,
             &at(1),
@@ -432,6 +635,7 @@ mod tests {
             Outcome::Allocated {
                 allocation: &a,
                 max_listeners: 60,
+                failures: &[],
             },
             Observed::default(),
             &at(1),

@@ -10,6 +10,9 @@
 //! is a floor; `nom016` is nom-teltonika 0.1.6, the last release built on `nom`.
 //! `examples/decode_ir.rs` runs the same calls (`common/mod.rs`) under callgrind.
 //!
+//! The `gt06_vs_teltonika` groups put the GT06 decoder beside the Teltonika one on frames of
+//! about the same size.
+//!
 //! Run: `cargo bench -p trackgate-protocol --bench decode -- --warm-up-time 1 --measurement-time 3`
 
 use std::hint::black_box;
@@ -39,5 +42,26 @@ fn decode(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, decode);
+/// GT06 against Teltonika on frames of about the same size: one location (41 B GT06 0x12
+/// against the 52 B, 1-record wiki Codec 8 #2), and ~1 KB (24 GT06 location frames, 984 B,
+/// against the 983 B 11-record Codec 8 frame). Both sides check their CRC and decode every
+/// record to owned values.
+fn gt06_vs_teltonika(c: &mut Criterion) {
+    for (name, gt06, tel) in common::gt06_pairs() {
+        let mut group = c.benchmark_group(format!("gt06_vs_teltonika/{name}"));
+        group.throughput(Throughput::Bytes(gt06.len() as u64));
+        group.bench_function("gt06", |b| {
+            let mut d = common::Gt06::new();
+            b.iter(|| black_box(d.decode(black_box(&gt06))));
+        });
+        group.throughput(Throughput::Bytes(tel.len() as u64));
+        group.bench_function("teltonika", |b| {
+            let mut tg = common::Trackgate::new();
+            b.iter(|| black_box(tg.decode(black_box(&tel))));
+        });
+        group.finish();
+    }
+}
+
+criterion_group!(benches, decode, gt06_vs_teltonika);
 criterion_main!(benches);

@@ -11,7 +11,8 @@
 //! ```
 //!
 //! Only `run` (the decode loop) is counted; divide by N for instructions per decode. A third
-//! argument picks another frame by its bench name (e.g. `wiki_codec8e`).
+//! argument picks another frame by its bench name (e.g. `wiki_codec8e`). `gt06` decodes the
+//! GT06 side of a `gt06_vs_teltonika` pair (`one_location`, default `about_1kb`).
 
 use std::hint::black_box;
 
@@ -33,10 +34,16 @@ fn run(who: &str, frame: &[u8], n: u32) {
         "nom_validate" => (0..n).for_each(|_| {
             black_box(common::nom_validate(black_box(frame)));
         }),
+        "gt06" => {
+            let mut d = common::Gt06::new();
+            for _ in 0..n {
+                black_box(d.decode(black_box(frame)));
+            }
+        }
         "nom016" => (0..n).for_each(|_| {
             black_box(common::nom016(black_box(frame)));
         }),
-        _ => panic!("usage: decode_ir trackgate|nom_evaluate|nom_validate|nom016 [N]"),
+        _ => panic!("usage: decode_ir trackgate|nom_evaluate|nom_validate|nom016|gt06 [N] [FRAME]"),
     }
 }
 
@@ -46,7 +53,13 @@ fn main() {
     let n = args
         .next()
         .map_or(10_000, |s| s.parse().expect("N is a count"));
-    let frames = common::frames();
+    let mut frames = common::frames();
+    if who == "gt06" {
+        frames = common::gt06_pairs()
+            .into_iter()
+            .map(|(name, bytes, _)| (name.to_owned(), bytes))
+            .collect();
+    }
     let frame = match args.next() {
         Some(name) => frames.iter().find(|(n, _)| *n == name),
         None => frames.last(),

@@ -1,4 +1,6 @@
-//! Sans-io codec for the Teltonika tracker protocol.
+//! Sans-io codecs for the Teltonika tracker protocol (the crate root) and the GT06 family
+//! (Concox, Jimi IoT and clones: the [`gt06`] module, with its own frame decoder, packets,
+//! replies and Redis mapping; the two share [`Imei`] and [`Limits`]).
 //!
 //! What it is: the byte-level rules of a Teltonika device session, as plain functions and
 //! small state machines over [`bytes::BytesMut`]:
@@ -88,6 +90,7 @@ mod command;
 mod crc;
 mod envelope;
 mod error;
+pub mod gt06;
 mod login;
 mod reader;
 mod udp;

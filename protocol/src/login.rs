@@ -90,6 +90,28 @@ impl Imei {
     pub(crate) fn as_bytes(&self) -> &[u8; IMEI_LEN] {
         &self.0
     }
+
+    /// The IMEI as an integer (below 10^15, so it fits 50 bits): the compact form a listener
+    /// keeps a million admitted devices in. Leading zeros are kept by [`Imei::from_u64`].
+    pub fn to_u64(&self) -> u64 {
+        self.0
+            .iter()
+            .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'))
+    }
+
+    /// The IMEI whose integer form is `n`, zero-padded to 15 digits; `None` from 10^15 up.
+    pub fn from_u64(mut n: u64) -> Option<Imei> {
+        if n >= 1_000_000_000_000_000 {
+            return None;
+        }
+        let mut out = [b'0'; IMEI_LEN];
+        for o in out.iter_mut().rev() {
+            // NB: n % 10 < 10, so the cast cannot truncate.
+            *o = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+        Some(Imei(out))
+    }
 }
 
 impl fmt::Display for Imei {
@@ -188,6 +210,16 @@ mod tests {
             }
         }
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn integer_form_round_trips_with_leading_zeros() {
+        for s in ["356307042441013", "000000000000001", "999999999999999"] {
+            let imei = Imei::parse(s).unwrap();
+            assert_eq!(Imei::from_u64(imei.to_u64()), Some(imei));
+        }
+        assert_eq!(Imei::parse("000000000000042").unwrap().to_u64(), 42);
+        assert_eq!(Imei::from_u64(1_000_000_000_000_000), None);
     }
 
     #[test]

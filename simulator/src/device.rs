@@ -12,18 +12,44 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 use trackgate_api::redis_layout;
+use trackgate_protocol::gt06::{Gt06EncodeError, Gt06Error, UtcOffset};
 use trackgate_protocol::{
-    AvlPacket, AvlRecord, Codec, EncodeError, Imei, encode_avl, encode_login,
+    AvlPacket, AvlRecord, Codec, EncodeError, FrameDecoder, FrameError, Imei, Limits, encode_avl,
+    encode_login,
 };
+
+use crate::commands::{Head, answer_commands, head};
+
+/// How long four zero bytes wait for the rest of a frame before they count as an ack of 0.
+const ZERO_ACK_WAIT: Duration = Duration::from_millis(50);
 
 use crate::stats::{AckedRecord, Stats, record_key};
 use crate::track::Track;
+
+mod gt06;
+
+/// The protocol a device speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    /// Teltonika: IMEI login, AVL frames of [`DeviceSettings::codec`], 4-byte acks.
+    #[default]
+    Teltonika,
+    /// GT06: `0x01` login, one `0x22` location per frame, `0x13` heartbeats; the device clock
+    /// runs at `utc_offset` from UTC. [`DeviceSettings::codec`] and `records_per_frame` do
+    /// not apply.
+    Gt06 {
+        /// Offset of the device clock from UTC.
+        utc_offset: UtcOffset,
+    },
+}
 
 // === Settings ===
 
 /// How every device of a run behaves.
 #[derive(Debug, Clone)]
 pub struct DeviceSettings {
+    /// The protocol (Teltonika by default).
+    pub protocol: Protocol,
     /// Codec of the AVL frames (8, 8E or 16).
     pub codec: Codec,
     /// Records per frame, 1..=255 (the record count is one byte on the wire).
@@ -49,6 +75,7 @@ pub struct DeviceSettings {
 impl Default for DeviceSettings {
     fn default() -> Self {
         Self {
+            protocol: Protocol::Teltonika,
             codec: Codec::Codec8Ext,
             records_per_frame: 1,
             frame_interval: Some(Duration::from_secs(1)),
@@ -103,6 +130,21 @@ pub enum SessionError {
     /// The packet could not be encoded (a simulator bug, never a server fault).
     #[error("encode: {0}")]
     Encode(#[from] EncodeError),
+    /// A GT06 packet could not be encoded (a simulator bug, never a server fault).
+    #[error("encode: {0}")]
+    EncodeGt06(#[from] Gt06EncodeError),
+    /// The GT06 server kept echoing another packet than the location sent.
+    #[error("reply does not echo the location with serial {expected}")]
+    WrongEcho {
+        /// The serial number of the location sent.
+        expected: u16,
+    },
+    /// A GT06 server reply that is not a valid frame.
+    #[error("bad reply: {0}")]
+    Reply(Gt06Error),
+    /// The server sent a frame that does not decode.
+    #[error("bad frame from the server: {0}")]
+    BadFrame(#[source] FrameError),
 }
 
 impl SessionError {
@@ -115,10 +157,12 @@ impl SessionError {
             SessionError::BadLoginReply(_) => "bad_login_reply",
             SessionError::LoginTimeout(_) => "login_timeout",
             SessionError::AckTimeout(_) => "ack_timeout",
-            SessionError::WrongAck { .. } => "wrong_ack",
+            SessionError::WrongAck { .. } | SessionError::WrongEcho { .. } => "wrong_ack",
             SessionError::Closed => "closed",
             SessionError::Io(_) => "io",
-            SessionError::Encode(_) => "encode",
+            SessionError::Encode(_) | SessionError::EncodeGt06(_) => "encode",
+            SessionError::Reply(_) => "bad_reply",
+            SessionError::BadFrame(_) => "bad_frame",
         }
     }
 }
@@ -264,6 +308,9 @@ impl Device {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
+        if let Protocol::Gt06 { utc_offset } = self.settings.protocol {
+            return self.run_gt06_session(io, stats, stop, utc_offset).await;
+        }
         self.logged_in = false;
         let (mut rd, mut wr) = tokio::io::split(io);
         let mut inbox = BytesMut::with_capacity(16);
@@ -283,6 +330,8 @@ impl Device {
         }
         self.logged_in = true;
         let _connected = stats.connected_guard();
+        let mut commands = FrameDecoder::new(Limits::default());
+        let imei = self.imei;
         let mut last_write = Instant::now();
 
         loop {
@@ -307,10 +356,12 @@ impl Device {
                         if read? == 0 {
                             return Err(SessionError::Closed);
                         }
-                        // Unsolicited bytes (a command, which this simulator does not
-                        // answer) are dropped so they are never mistaken for an ack.
-                        stats.on_unsolicited(inbox.len());
-                        inbox.clear();
+                        answer_commands(&imei, &mut inbox, &mut commands, &mut wr).await?;
+                        if head(&inbox) == Head::Ack {
+                            // Anything else unsolicited is dropped, never mistaken for an ack.
+                            stats.on_unsolicited(inbox.len());
+                            inbox.clear();
+                        }
                     }
                 }
             }
@@ -328,9 +379,29 @@ impl Device {
             last_write = sent_at;
             stats.on_frame_sent();
 
-            match timeout(timeout_after, read_at_least(&mut rd, &mut inbox, 4)).await {
-                Err(_) => return Err(SessionError::AckTimeout(timeout_after)),
-                Ok(read) => read?,
+            // A command may arrive before the ack: it is answered, and the wait goes on.
+            let ack_by = sent_at + timeout_after;
+            loop {
+                answer_commands(&imei, &mut inbox, &mut commands, &mut wr).await?;
+                if head(&inbox) == Head::Ack {
+                    break;
+                }
+                // Four zero bytes and nothing after them: an ack of 0, not a frame.
+                let zero_ack = inbox.len() == 4;
+                let until = if zero_ack {
+                    ack_by.min(Instant::now() + ZERO_ACK_WAIT)
+                } else {
+                    ack_by
+                };
+                match tokio::time::timeout_at(until, rd.read_buf(&mut inbox)).await {
+                    Err(_) if zero_ack => break,
+                    Err(_) => return Err(SessionError::AckTimeout(timeout_after)),
+                    Ok(read) => {
+                        if read? == 0 {
+                            return Err(SessionError::Closed);
+                        }
+                    }
+                }
             }
             let ack = inbox.split_to(4);
             let got = u32::from_be_bytes([ack[0], ack[1], ack[2], ack[3]]);

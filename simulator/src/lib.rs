@@ -1,4 +1,5 @@
-//! A Teltonika device simulator and load generator for trackgate.
+//! A device simulator (Teltonika, and GT06 at the device level) and load generator for
+//! trackgate.
 //!
 //! What it is: simulated devices that speak the real protocol (through `trackgate-protocol`'s
 //! encoders) to any listener: log in with their IMEI, send Codec 8 / 8E / 16 frames of
@@ -16,6 +17,7 @@
 //!                  └──▶ LoadOutcome { LoadReport, AckedLog } ──▶ verify(StreamLayout) ──▶ Verification
 //! ```
 
+pub mod commands;
 mod device;
 mod load;
 mod report;
@@ -23,7 +25,7 @@ mod stats;
 mod track;
 mod verify;
 
-pub use device::{Device, DeviceSettings, Pending, SessionError};
+pub use device::{Device, DeviceSettings, Pending, Protocol, SessionError};
 pub use load::{
     LoadConfig, LoadError, LoadOutcome, Target, Transport, run, run_with_stats, targets_from_range,
     targets_from_shard,

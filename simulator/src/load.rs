@@ -587,6 +587,8 @@ mod tests {
                 "356307042441014".into(),
                 "356307042441015".into(),
             ],
+            device_files: vec![],
+            admission: Default::default(),
             udp: false,
             limits: ListenerLimits::default(),
             redis: RedisSink::default(),

@@ -725,6 +725,14 @@ ALERT_CASES: dict[str, tuple[list[tuple[str, str]], str, list[str]]] = {
         "15m",
         ['{namespace="trackers", pool="a", reason="limit"}'],
     ),
+    "TrackgateCommandsExpiring": (
+        [
+            (f'trackgate_listener_commands_total{{{L.format(pool="a")}, status="expired", pod="a-0"}}', "0 0 1 1 1 1 1 1 1 1"),
+            (f'trackgate_listener_commands_total{{{L.format(pool="b")}, status="answered", pod="b-0"}}', "0+5x10"),
+        ],
+        "8m",
+        ['{namespace="trackers", pool="a"}'],
+    ),
     "TrackgateAckSlow": (
         [
             # a: every ack between 2.5 s and +Inf... within the 2.5 s bucket but above 1 s

@@ -25,14 +25,18 @@ pub fn free_port() -> u16 {
 }
 
 /// `n` distinct free ports in [`TEST_PORTS`], all held open until every one is chosen so none
-/// repeats. The scan starts at a point drawn from the clock and the pid, so concurrent test
-/// processes rarely probe the same ports.
+/// repeats, and never one this process was handed before (a port picked for a server that has
+/// not bound it yet is free to the kernel, so a second pick could return it). The scan starts at
+/// a point drawn from the clock and the pid, so concurrent test processes rarely probe the same
+/// ports.
 pub fn free_ports(n: usize) -> Vec<u16> {
     free_ports_in(TEST_PORTS, n, |_| true)
 }
 
 /// `n` distinct free ports in `range` for which `also` holds too (see [`free_ports`]).
 fn free_ports_in(range: std::ops::Range<u16>, n: usize, also: impl Fn(u16) -> bool) -> Vec<u16> {
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
     let span = u32::from(range.end - range.start);
     let seed = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -45,6 +49,9 @@ fn free_ports_in(range: std::ops::Range<u16>, n: usize, also: impl Fn(u16) -> bo
             break;
         }
         let port = range.start + ((seed.wrapping_add(step.wrapping_mul(7919))) % span) as u16;
+        if handed_out.contains(&port) {
+            continue;
+        }
         // both TCP and UDP free: listeners bind the same port number for each
         if let Ok(tcp) = TcpListener::bind(("127.0.0.1", port))
             && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
@@ -54,9 +61,12 @@ fn free_ports_in(range: std::ops::Range<u16>, n: usize, also: impl Fn(u16) -> bo
         }
     }
     assert_eq!(held.len(), n, "fewer than {n} free ports in {range:?}");
-    held.iter()
+    let ports: Vec<u16> = held
+        .iter()
         .map(|l| l.local_addr().expect("local addr").port())
-        .collect()
+        .collect();
+    handed_out.extend(&ports);
+    ports
 }
 
 /// Where a tool lives, or `None` when it is not installed.

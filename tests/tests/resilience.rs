@@ -265,3 +265,76 @@ fn device_imeis(config: &ShardConfig) -> Vec<trackgate_protocol::Imei> {
         .map(|t| t.imei)
         .collect()
 }
+
+/// A rollout without a reconnect storm: after SIGTERM the listener fails `/readyz` while its
+/// ports still accept for the drain delay, then drains and exits cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_fails_readiness_first_and_keeps_accepting_for_the_drain_delay() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = shard_config();
+    let path = dir.path().join("shard.json");
+    std::fs::write(&path, config.to_json()).expect("write shard.json");
+    let admin = free_port();
+    let mut child = Command::new(trackgate_binary())
+        .args(["listen", "--config"])
+        .arg(&path)
+        .args([
+            "--admin-addr",
+            &format!("127.0.0.1:{admin}"),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .env("TRACKGATE_REDIS_URL", redis.url())
+        .env(trackgate_api::shard_config::DRAIN_DELAY_ENV, "3")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn trackgate listen");
+    let device = SocketAddr::new(LOCAL, config.ports[0].port);
+    wait_for_port(device, Duration::from_secs(15)).expect("listener accepting");
+    let readyz = format!("http://127.0.0.1:{admin}/readyz");
+    let status = || async {
+        reqwest::get(&readyz)
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    };
+    for _ in 0..50 {
+        if status().await == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status().await, 200, "ready before SIGTERM");
+
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(sent.success());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(status().await, 503, "/readyz fails first");
+    let conn = tokio::net::TcpStream::connect(device).await;
+    assert!(conn.is_ok(), "still accepting during the drain delay");
+    assert!(
+        child.try_wait().expect("try_wait").is_none(),
+        "still running"
+    );
+    drop(conn);
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let exit = loop {
+        if let Some(exit) = child.try_wait().expect("try_wait") {
+            break exit;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "did not exit after the drain"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(exit.success(), "{exit:?}");
+}

@@ -1,7 +1,10 @@
 //! The frames and the decode calls shared by the criterion bench (`benches/decode.rs`) and the
 //! instruction-count program (`examples/decode_ir.rs`), so both measure exactly the same work.
 
-use bytes::BytesMut;
+use std::hint::black_box;
+
+use bytes::{Bytes, BytesMut};
+use trackgate_protocol::gt06::{self, Gps, Lbs, Location, Packet, UtcOffset};
 use trackgate_protocol::{
     AvlPacket, AvlRecord, Codec, Frame, FrameDecoder, IoElement, IoValue, Limits, encode_avl,
 };
@@ -152,4 +155,76 @@ pub fn one_kib_frame() -> Vec<u8> {
     )
     .unwrap();
     buf.to_vec()
+}
+
+// === GT06 ===
+
+/// The GT06 decoder in the same steady state as [`Trackgate`]: bytes appended to a long-lived
+/// buffer, each frame split off (stop bits and CRC-ITU checked) and its packet decoded to
+/// owned values. Returns the number of packets (each is dropped inside the timing).
+pub struct Gt06 {
+    decoder: gt06::FrameDecoder,
+    buf: BytesMut,
+}
+
+impl Gt06 {
+    pub fn new() -> Self {
+        Gt06 {
+            decoder: gt06::FrameDecoder::new(Limits::default()),
+            buf: BytesMut::with_capacity(4096),
+        }
+    }
+
+    pub fn decode(&mut self, bytes: &[u8]) -> usize {
+        self.buf.extend_from_slice(bytes);
+        let mut n = 0;
+        while let Some(frame) = self.decoder.decode(&mut self.buf).expect("a bench frame") {
+            let packet = Packet::decode(&frame, UtcOffset::UTC).expect("a bench packet");
+            black_box(packet);
+            n += 1;
+        }
+        n
+    }
+}
+
+/// GT06 bytes against the Teltonika frame of about the same size: (name, GT06, Teltonika).
+pub fn gt06_pairs() -> Vec<(&'static str, Vec<u8>, Vec<u8>)> {
+    // traccar vector 97: a 0x12 location with its 4-byte mileage, 41 bytes.
+    let one =
+        hex("787823120f081b121d37cb01c8e2cc08afd3c020d50201940701d600a1190041ee100576d1470d0a");
+    let mut stream = BytesMut::new();
+    for i in 0..24u32 {
+        let loc = Location {
+            protocol: 0x12,
+            gps: Gps {
+                timestamp_ms: 1_700_000_000_000 + u64::from(i) * 30_000,
+                info: 0xCB,
+                latitude: 98_400_000 + i,
+                longitude: 45_460_000 + i,
+                speed: 40,
+                course_status: 0x1400 | (90 + i as u16),
+            },
+            lbs: Some(Lbs {
+                length: None,
+                mcc: 460,
+                mnc: 0,
+                lac: 0x287D,
+                cell_id: 0x1F71,
+            }),
+            status: None,
+            extra: Bytes::from_static(&[0x00, 0x41, 0xEE, 0x10]),
+        };
+        gt06::encode_packet(
+            &Packet::Location(loc),
+            i as u16,
+            UtcOffset::UTC,
+            &mut stream,
+        )
+        .expect("a valid location");
+    }
+    let wiki_codec8_2 = hex(WIKI[1].1);
+    vec![
+        ("one_location", one, wiki_codec8_2),
+        ("about_1kb", stream.to_vec(), one_kib_frame()),
+    ]
 }

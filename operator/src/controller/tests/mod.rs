@@ -6,7 +6,9 @@ use serde_json::json;
 use trackgate_api::{DeviceSource, TrackerPortPool};
 
 use super::*;
+use crate::allocate::{self, ALLOCATION_TABLE_FILE};
 use crate::fixtures::{FakeApiServer, PoolBuilder, Write, imei};
+use crate::record::Evidence;
 
 const POOL: &str = "/apis/trackgate.dev/v1alpha1/namespaces/trackers/trackerportpools/fleet";
 const CMS: &str = "/api/v1/namespaces/trackers/configmaps";
@@ -60,9 +62,16 @@ fn paths(writes: &[Write], method: Method) -> Vec<String> {
     // Events are best effort and checked separately
     writes
         .iter()
-        .filter(|(m, p)| *m == method && (method == Method::POST || !p.contains("/events/")))
+        .filter(|(m, p)| *m == method && !p.contains("/events"))
         .map(|(_, p)| p.clone())
         .collect()
+}
+
+fn events(writes: &[Write]) -> usize {
+    writes
+        .iter()
+        .filter(|(m, p)| *m == Method::POST && p.contains("/events"))
+        .count()
 }
 
 fn cond(s: &trackgate_api::TrackerPortPoolStatus, t: &str) -> (String, String) {
@@ -83,7 +92,6 @@ async fn first_apply_creates_every_child_then_an_unchanged_pool_writes_nothing()
     let patched = paths(&writes, Method::PATCH);
     for shard in ["fleet-shard-0", "fleet-shard-1"] {
         for collection in [
-            "/api/v1/namespaces/trackers/configmaps",
             "/apis/apps/v1/namespaces/trackers/deployments",
             "/api/v1/namespaces/trackers/services",
             "/apis/policy/v1/namespaces/trackers/poddisruptionbudgets",
@@ -93,12 +101,14 @@ async fn first_apply_creates_every_child_then_an_unchanged_pool_writes_nothing()
         }
     }
     assert!(patched.contains(&format!("{POOL}/status")));
-    assert_eq!(patched.len(), 9, "{patched:?}");
+    assert_eq!(patched.len(), 7, "{patched:?}");
+    let created = paths(&writes, Method::POST);
     assert_eq!(
-        paths(&writes, Method::POST).len(),
-        1,
-        "one AllocationChanged event"
+        created,
+        vec![CMS.to_owned(), CMS.to_owned(), CMS.to_owned()],
+        "the record and two shard ConfigMaps, create-only"
     );
+    assert_eq!(events(&writes), 1, "one AllocationChanged event");
     let status = s.status();
     assert_eq!(
         (status.devices, status.allocated, status.free_ports),
@@ -140,6 +150,7 @@ async fn adding_or_removing_a_device_changes_only_its_shard() {
     assert_eq!(
         patched,
         vec![
+            format!("{CMS}/fleet-allocation"),
             format!("{CMS}/fleet-shard-1"),
             "/api/v1/namespaces/trackers/services/fleet-shard-1".to_owned(),
             format!("{POOL}/status"),
@@ -151,7 +162,7 @@ async fn adding_or_removing_a_device_changes_only_its_shard() {
     s.edit(|p| p.spec.devices.retain(|d| d.imei != gone));
     let (_, writes) = s.reconcile().await;
     let patched = paths(&writes, Method::PATCH);
-    assert_eq!(patched[0], format!("{CMS}/fleet-shard-0"));
+    assert_eq!(patched[1], format!("{CMS}/fleet-shard-0"));
     assert!(
         patched.iter().all(|p| !p.contains("shard-1")),
         "{patched:?}"
@@ -250,11 +261,7 @@ async fn full_range_reports_unallocated_devices_and_warns() {
     let pool = PoolBuilder::dedicated(5000, 5004).with_devices(8).build();
     let s = Scenario::new(&pool);
     let (_, writes) = s.reconcile().await;
-    assert_eq!(
-        paths(&writes, Method::POST).len(),
-        2,
-        "AllocationChanged + PortsExhausted"
-    );
+    assert_eq!(events(&writes), 2, "AllocationChanged + PortsExhausted");
     let status = s.status();
     assert_eq!(
         (status.allocated, status.unallocated, status.free_ports),
@@ -267,44 +274,6 @@ async fn full_range_reports_unallocated_devices_and_warns() {
     // not repeated while nothing changes
     let (_, writes) = s.reconcile().await;
     assert_eq!(writes, vec![]);
-}
-
-#[tokio::test]
-async fn a_stale_allocation_write_fails_with_a_conflict() {
-    let pool = PoolBuilder::dedicated(5000, 5099).with_devices(2).build();
-    let s = Scenario::new(&pool);
-    let children = Children::fetch(&s.ctx.client, "trackers", &s.pool())
-        .await
-        .unwrap();
-    s.reconcile().await; // another leader wrote the shard meanwhile
-    let (_, desired) = plan(&s.pool(), &BTreeMap::new(), &Previous::new(), "other-image").unwrap();
-    let mut changed = desired.clone();
-    changed.config_maps[0]
-        .data
-        .as_mut()
-        .unwrap()
-        .insert("x".into(), "y".into());
-    changed.config_maps[0]
-        .metadata
-        .annotations
-        .as_mut()
-        .unwrap()
-        .insert(desired::HASH_ANNOTATION.into(), "0".into());
-    let stale = Children {
-        config_maps: vec![{
-            let mut cm: ConfigMap =
-                serde_json::from_value(s.fake.get(&format!("{CMS}/fleet-shard-0")).unwrap())
-                    .unwrap();
-            cm.metadata.resource_version = Some("1".into());
-            cm
-        }],
-        ..children
-    };
-    let err = stale
-        .converge(&s.ctx, "trackers", &changed)
-        .await
-        .unwrap_err();
-    assert_eq!(err.reason(), "conflict");
 }
 
 #[test]
@@ -335,3 +304,6 @@ fn backoff_grows_with_jitter_and_is_capped() {
     assert!(d3 >= BACKOFF_BASE * 4, "{d3:?}");
     assert!(backoff(40, "fleet") <= BACKOFF_MAX.mul_f64(1.25));
 }
+
+mod exposure;
+mod recovery;
