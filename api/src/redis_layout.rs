@@ -275,13 +275,21 @@ pub fn cluster_nodes(url: &str) -> Result<Option<Vec<String>>, String> {
 ///   `fsync` modes); `ping`, `info`: readiness and the check that the server can keep the
 ///   durability promise;
 /// - `cluster|slots`, `cluster|nodes`, `cluster|shards`, `asking`, `readonly`: the cluster
-///   client's topology reads and redirects (harmless on one server).
+///   client's topology reads and redirects (harmless on one server);
+/// - commands to devices, from the listener: `xgroup|create`, `xreadgroup`, `xautoclaim`,
+///   `subscribe` (channels under the prefix), `hmset` (pool members), `script|load`; inside
+///   its scripts: `time`, `exists`, `get`, `set`, `del`, `hget`, `hmget`, `hexists`, `hdel`,
+///   `lpush`, `rpush`, `lpop`, `lrange`, `lrem`, `zcard`, `zrangebyscore`, `zrem`, `xack`,
+///   `publish`.
 pub fn listener_acl(prefix: &str) -> String {
     format!(
-        "resetkeys ~{prefix}:* resetchannels -@all \
+        "resetkeys ~{prefix}:* resetchannels &{prefix}:* -@all \
          +evalsha +eval +zscore +zremrangebyrank +xadd +zadd +pexpire +hset \
          +wait +ping +info \
-         +cluster|slots +cluster|nodes +cluster|shards +asking +readonly"
+         +cluster|slots +cluster|nodes +cluster|shards +asking +readonly \
+         +xgroup|create +xreadgroup +xautoclaim +subscribe +hmset +script|load \
+         +time +exists +get +set +del +hget +hmget +hexists +hdel +lpush +rpush +lpop +lrange \
+         +lrem +zcard +zrangebyscore +zrem +xack +publish"
     )
 }
 
