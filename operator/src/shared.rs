@@ -32,7 +32,9 @@ use trackgate_api::{
 
 use crate::allocate::LineError;
 use crate::desired::{self, Desired, NLB_LISTENER_LIMIT, SpecError, shard_name};
-use crate::status::{Failure, Observed, degraded_message, is_rolled_out, merge_conditions};
+use crate::status::{
+    Failure, Observed, degraded_message, is_rolled_out, load_balancer_host, merge_conditions,
+};
 
 /// The one shard index of a shared pool (its objects are `<pool>-shard-0`).
 pub const SHARED_INDEX: u32 = 0;
@@ -427,22 +429,9 @@ fn endpoint(pool: &TrackerPortPool, observed: Observed<'_>) -> Option<String> {
     match spec.exposure.type_ {
         ExposureType::HostNetwork => Some(format!("hostNetwork: any listener node:{ports}")),
         ExposureType::NodePort => Some(format!("any node:{ports}")),
-        ExposureType::LoadBalancer => observed
-            .services
-            .iter()
-            .find(|s| s.name_any() == name)
-            .and_then(|s| {
-                s.status
-                    .as_ref()?
-                    .load_balancer
-                    .as_ref()?
-                    .ingress
-                    .as_ref()?
-                    .first()
-                    .cloned()
-            })
-            .and_then(|i| i.hostname.or(i.ip))
-            .map(|host| format!("{host}:{ports}")),
+        ExposureType::LoadBalancer => {
+            load_balancer_host(observed.services, &name).map(|host| format!("{host}:{ports}"))
+        }
     }
 }
 

@@ -326,6 +326,22 @@ pub fn is_rolled_out(dep: &Deployment, replicas: i32) -> bool {
         && st.ready_replicas.unwrap_or(0) >= replicas
 }
 
+/// The address the cloud gave Service `name`'s load balancer (hostname, else IP), once it has.
+pub(crate) fn load_balancer_host(services: &[Service], name: &str) -> Option<String> {
+    let ingress = services
+        .iter()
+        .find(|s| s.name_any() == name)?
+        .status
+        .as_ref()?
+        .load_balancer
+        .as_ref()?
+        .ingress
+        .as_ref()?
+        .first()?
+        .clone();
+    ingress.hostname.or(ingress.ip)
+}
+
 fn count(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
@@ -344,21 +360,7 @@ fn shard_status(
     let endpoint = match pool.spec.exposure.type_ {
         ExposureType::HostNetwork => Some("hostNetwork".to_owned()),
         ExposureType::NodePort => Some("any node address, port = device port".to_owned()),
-        ExposureType::LoadBalancer => observed
-            .services
-            .iter()
-            .find(|s| s.name_any() == name)
-            .and_then(|s| {
-                s.status
-                    .as_ref()?
-                    .load_balancer
-                    .as_ref()?
-                    .ingress
-                    .as_ref()?
-                    .first()
-                    .cloned()
-            })
-            .and_then(|i| i.hostname.or(i.ip)),
+        ExposureType::LoadBalancer => load_balancer_host(observed.services, &name),
     };
     ShardStatus {
         index,
