@@ -23,10 +23,10 @@ pub mod shard_config;
 
 pub use pool::{
     Device, DeviceSource, Exposure, ExposureType, ExternalTrafficPolicy, ListenerPod, PortRange,
-    Protocol, RedisSpec, RedisTls, Scaling, SecretKeyRef, ShardStatus, Sharding, TrackerPortPool,
+    RedisSpec, RedisTls, Scaling, SecretKeyRef, ShardStatus, Sharding, TrackerPortPool,
     TrackerPortPoolSpec, TrackerPortPoolStatus,
 };
 pub use shard_config::{
-    AckMode, AdmissionMode, Durability, IdentificationMode, ListenerLimits, PortBinding, RedisSink,
-    ShardConfig,
+    AckMode, AdmissionMode, Durability, Gt06Settings, IdentificationMode, ListenerLimits, PortBinding,
+    Protocol, RedisSink, ShardConfig,
 };

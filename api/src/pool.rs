@@ -16,7 +16,9 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::shard_config::{AdmissionMode, IdentificationMode, ListenerLimits, RedisSink};
+use crate::shard_config::{
+    AdmissionMode, Gt06Settings, IdentificationMode, ListenerLimits, Protocol, RedisSink,
+};
 
 /// Most devices listed inline. Larger fleets go in ConfigMaps (`devicesFrom`); the bound keeps
 /// the CEL rules that walk this list (pinned ports × excluded ports) inside the cost budget.
@@ -71,12 +73,23 @@ pub const MAX_DEVICE_SOURCES: usize = 64;
     {
         "rule": "!has(self.scaling) || (has(self.mode) && self.mode == 'shared')",
         "message": "spec.scaling applies to shared pools; dedicated pools use sharding.replicasPerShard"
+    },
+    {
+        "rule": "!has(self.gt06) || (has(self.protocol) && self.protocol == 'gt06')",
+        "message": "spec.gt06 applies to protocol: gt06 pools only"
+    },
+    {
+        "rule": "!has(self.udp) || !self.udp || !has(self.protocol) || self.protocol == 'teltonika'",
+        "message": "udp: true applies to protocol: teltonika pools only (GT06 is served over TCP)"
     }
 ]))]
 pub struct TrackerPortPoolSpec {
-    /// Wire protocol the devices speak. Only `teltonika` today.
+    /// Wire protocol the devices speak: `teltonika` (default) or `gt06`.
     #[serde(default)]
     pub protocol: Protocol,
+    /// `protocol: gt06` only: how the devices' clocks are read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gt06: Option<Gt06Settings>,
     /// How a device is identified: `dedicated` (one port per device; a login with another IMEI
     /// on that port is refused) or `shared` (few ports; identity is the login IMEI, checked
     /// against the pool's devices). Fixed once the pool exists: switching would move every
@@ -145,15 +158,6 @@ pub struct Scaling {
     /// scales it back.
     #[serde(default)]
     pub autoscaled: bool,
-}
-
-/// Wire protocol of the devices.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub enum Protocol {
-    /// Teltonika Codec 8 / 8E / 16 over TCP (and UDP when `udp` is set).
-    #[default]
-    Teltonika,
 }
 
 /// A contiguous port range with exclusions.

@@ -8,7 +8,7 @@
 
 use std::fmt::Write as _;
 
-use trackgate_protocol::{AvlRecord, Imei, IoValue};
+use trackgate_protocol::{AvlRecord, Imei, IoValue, gt06};
 
 // === readings ===
 
@@ -50,17 +50,47 @@ pub struct StoreArgs<'a> {
     pub port: u16,
     /// Server receive time, ms since the Unix epoch.
     pub recv_ms: u64,
+    /// The `protocol` field: empty for Teltonika (left out of the entry), `gt06` for GT06.
+    pub protocol: &'a str,
 }
 
 /// Number of fixed `ARGV` before the records; each record then takes
 /// [`STORE_ARGS_PER_RECORD`].
-pub const STORE_FIXED_ARGS: usize = 7;
+pub const STORE_FIXED_ARGS: usize = 8;
 /// `ARGV` per record: its fingerprint and the [`RECORD_FIELDS`] values.
 pub const STORE_ARGS_PER_RECORD: usize = 1 + RECORD_FIELDS.len();
 
 /// The store script's `ARGV` for one frame.
 pub fn store_args(fixed: &StoreArgs<'_>, records: &[AvlRecord]) -> Vec<String> {
-    let mut args = Vec::with_capacity(STORE_FIXED_ARGS + STORE_ARGS_PER_RECORD * records.len());
+    let mut args = fixed_args(fixed, records.len());
+    for record in records {
+        args.push(fingerprint_member(fingerprint(record)));
+        args.extend(record_values(record));
+    }
+    args
+}
+
+/// The store script's `ARGV` for GT06 locations: the same script and field names as
+/// Teltonika records; the fields GT06 lacks (`alt`, `priority`, `event`) are left empty, so
+/// the script leaves them out. Pass `codec: ""` and `protocol: "gt06"` in `fixed`.
+pub fn gt06_store_args(fixed: &StoreArgs<'_>, locations: &[gt06::Location]) -> Vec<String> {
+    let mut args = fixed_args(fixed, locations.len());
+    for location in locations {
+        args.push(fingerprint_member(location.fingerprint()));
+        let fields = location.fields();
+        args.extend(RECORD_FIELDS.iter().map(|name| {
+            fields
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        }));
+    }
+    args
+}
+
+fn fixed_args(fixed: &StoreArgs<'_>, records: usize) -> Vec<String> {
+    let mut args = Vec::with_capacity(STORE_FIXED_ARGS + STORE_ARGS_PER_RECORD * records);
     args.extend([
         fixed.max_len.to_string(),
         fixed.dedup_records.to_string(),
@@ -69,11 +99,8 @@ pub fn store_args(fixed: &StoreArgs<'_>, records: &[AvlRecord]) -> Vec<String> {
         fixed.codec.to_owned(),
         fixed.port.to_string(),
         fixed.recv_ms.to_string(),
+        fixed.protocol.to_owned(),
     ]);
-    for record in records {
-        args.push(fingerprint_member(fingerprint(record)));
-        args.extend(record_values(record));
-    }
     args
 }
 
@@ -642,12 +669,13 @@ mod tests {
             codec: "8E",
             port: 5027,
             recv_ms: 7,
+            protocol: "",
         };
         let args = store_args(&fixed, &[rec(), rec()]);
         assert_eq!(args.len(), STORE_FIXED_ARGS + 2 * STORE_ARGS_PER_RECORD);
         assert_eq!(
             args[..STORE_FIXED_ARGS],
-            ["10", "128", "1000", "356307042441013", "8E", "5027", "7"]
+            ["10", "128", "1000", "356307042441013", "8E", "5027", "7", ""]
         );
         assert_eq!(args[STORE_FIXED_ARGS], "05451be87c41fa7e");
         assert_eq!(args[STORE_FIXED_ARGS + 1], "1560161086000");

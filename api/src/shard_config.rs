@@ -54,6 +54,33 @@ pub enum AdmissionMode {
     Open,
 }
 
+/// Wire protocol a shard's devices speak.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum Protocol {
+    /// Teltonika Codec 8 / 8E / 16 over TCP (and UDP when `udp` is set).
+    #[default]
+    Teltonika,
+    /// GT06 (Concox, Jimi IoT and clones) over TCP. Commands are Teltonika-only.
+    Gt06,
+}
+
+/// GT06 settings of a pool (and of its shards).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct Gt06Settings {
+    /// Minutes east of UTC of the time the devices send (GT06 packets carry device time, UTC
+    /// or local depending on the model and its settings; the wire does not say which).
+    /// 0 (default): the devices send UTC. -840 to 840.
+    #[serde(default)]
+    #[schemars(range(min = -840, max = 840))]
+    pub utc_offset_minutes: i16,
+}
+
 /// One listener shard's whole configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -64,6 +91,12 @@ pub struct ShardConfig {
     pub shard: u32,
     /// Identification mode of the pool.
     pub mode: IdentificationMode,
+    /// Wire protocol of the shard's devices.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub protocol: Protocol,
+    /// `protocol: gt06`: how the devices' clocks are read.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub gt06: Gt06Settings,
     /// Ports to bind. In dedicated mode each carries the IMEI of the device that owns it.
     pub ports: Vec<PortBinding>,
     /// Shared mode: the IMEIs admitted on any port of this shard. Empty in dedicated mode.
@@ -285,6 +318,12 @@ pub enum ShardConfigError {
     /// `open` admission or device files in dedicated mode, where the port is the identity.
     #[error("admission and deviceFiles apply to shared mode only")]
     SharedOnly,
+    /// UDP or GT06 settings on a shard of the other protocol.
+    #[error("udp applies to teltonika shards only, gt06 settings to gt06 shards only")]
+    ProtocolMismatch,
+    /// A device clock offset beyond ±14 h.
+    #[error("gt06.utcOffsetMinutes {0} is outside -840..=840")]
+    UtcOffset(i16),
 }
 
 impl ShardConfig {
@@ -344,6 +383,8 @@ impl ShardConfig {
             pool,
             shard,
             mode,
+            protocol: Protocol::Teltonika,
+            gt06: Gt06Settings::default(),
             ports,
             devices,
             device_files: Vec::new(),
@@ -401,6 +442,14 @@ impl ShardConfig {
         }
         if self.redis.partitions == 0 {
             return Err(ShardConfigError::NoPartitions);
+        }
+        let gt06 = self.protocol == Protocol::Gt06;
+        if (gt06 && self.udp) || (!gt06 && self.gt06 != Gt06Settings::default()) {
+            return Err(ShardConfigError::ProtocolMismatch);
+        }
+        if trackgate_protocol::gt06::UtcOffset::from_minutes(self.gt06.utc_offset_minutes).is_none()
+        {
+            return Err(ShardConfigError::UtcOffset(self.gt06.utc_offset_minutes));
         }
         if let Some(bad) = self
             .devices

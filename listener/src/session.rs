@@ -20,11 +20,15 @@ use trackgate_protocol::{
     login_reply,
 };
 
+use trackgate_api::Protocol;
+
 use crate::command::{CommandLink, Commands, Outgoing};
 use crate::config::{Admission, ShardView};
 use crate::error::{CloseReason, PublishError};
 use crate::metrics::Metrics;
 use crate::sink::{Event, ShardKeys, Sink, StoreCall, now_ms};
+
+mod gt06;
 
 /// First retry delay after a failed publish; doubles up to [`MAX_RETRY_DELAY`].
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(50);
@@ -101,6 +105,9 @@ struct SessionLimits {
     frame: Limits,
     login_timeout: Duration,
     idle_timeout: Duration,
+    protocol: Protocol,
+    /// GT06: how the device clock is read.
+    utc_offset: trackgate_protocol::gt06::UtcOffset,
 }
 
 impl SessionLimits {
@@ -109,6 +116,8 @@ impl SessionLimits {
             frame: view.frame_limits(),
             login_timeout: view.login_timeout(),
             idle_timeout: view.idle_timeout(),
+            protocol: view.config.protocol,
+            utc_offset: gt06::utc_offset(&view.config.gt06),
         }
     }
 }
@@ -126,6 +135,9 @@ struct Session<S> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn drive(&mut self, limits: SessionLimits) -> CloseReason {
+        if limits.protocol == Protocol::Gt06 {
+            return self.drive_gt06(limits).await;
+        }
         let imei = match self.login(limits).await {
             Ok(imei) => imei,
             Err(reason) => return reason,

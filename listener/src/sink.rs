@@ -165,6 +165,13 @@ pub(crate) enum Event<'a> {
         imei: Option<&'a str>,
         reason: &'static str,
     },
+    /// A GT06 packet with no stored layout (information, LBS-only, unknown types): kept here
+    /// as hex.
+    Gt06Packet {
+        imei: &'a str,
+        protocol: u8,
+        payload_hex: &'a str,
+    },
     /// A Codec 12/13/14/15 frame from the device: never acked, published here as hex.
     Command {
         imei: &'a str,
@@ -312,8 +319,43 @@ impl Sink {
                 codec: codec.label(),
                 port,
                 recv_ms,
+                protocol: "",
             },
             records,
+        );
+        Arc::new(StoreCall {
+            keys: call_keys,
+            args,
+            durability: keys.durability,
+        })
+    }
+
+    /// Builds the script call for one GT06 location (`protocol=gt06`, no `codec`).
+    pub(crate) fn prepare_gt06(
+        &self,
+        keys: &ShardKeys,
+        imei: &Imei,
+        port: u16,
+        location: &trackgate_protocol::gt06::Location,
+        recv_ms: u64,
+    ) -> Arc<StoreCall> {
+        let partition = layout::partition_of(imei, keys.partitions);
+        let call_keys = vec![
+            layout::readings_key(&keys.prefix, &keys.pool, partition),
+            layout::seen_key(&keys.prefix, &keys.pool, partition, imei.as_str()),
+        ];
+        let args = layout::gt06_store_args(
+            &StoreArgs {
+                max_len: keys.max_len,
+                dedup_records: self.dedup_records,
+                dedup_ttl_ms: self.dedup_ttl_ms,
+                imei: imei.as_str(),
+                codec: "",
+                port,
+                recv_ms,
+                protocol: trackgate_protocol::gt06::PROTOCOL,
+            },
+            std::slice::from_ref(location),
         );
         Arc::new(StoreCall {
             keys: call_keys,
@@ -384,6 +426,19 @@ impl Sink {
                     .arg("payload")
                     .arg(payload_hex);
                 "command_response"
+            }
+            Event::Gt06Packet {
+                imei,
+                protocol,
+                payload_hex,
+            } => {
+                cmd.arg("imei")
+                    .arg(imei)
+                    .arg("protocol")
+                    .arg(protocol)
+                    .arg("payload")
+                    .arg(payload_hex);
+                "gt06_packet"
             }
         };
         cmd.arg("kind")

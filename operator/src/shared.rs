@@ -59,6 +59,8 @@ pub fn shard_config(pool: &str, spec: &TrackerPortPoolSpec) -> ShardConfig {
             .collect(),
         admission: spec.admission,
         udp: spec.udp,
+        protocol: spec.protocol,
+        gt06: spec.gt06.unwrap_or_default(),
         limits: spec.limits.clone(),
         redis: spec.redis.sink.clone(),
         ..config

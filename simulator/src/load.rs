@@ -572,6 +572,8 @@ mod tests {
             pool: "p".into(),
             shard: 0,
             mode: IdentificationMode::Shared,
+            protocol: Default::default(),
+            gt06: Default::default(),
             ports: vec![
                 PortBinding {
                     port: 7000,

@@ -82,6 +82,8 @@ pub fn shard_configs(
             };
             ShardConfig {
                 udp: spec.udp,
+                protocol: spec.protocol,
+                gt06: spec.gt06.unwrap_or_default(),
                 limits: spec.limits.clone(),
                 redis: spec.redis.sink.clone(),
                 ..config
