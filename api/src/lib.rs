@@ -27,6 +27,6 @@ pub use pool::{
     TrackerPortPoolSpec, TrackerPortPoolStatus,
 };
 pub use shard_config::{
-    AckMode, AdmissionMode, Durability, Gt06Settings, IdentificationMode, ListenerLimits, PortBinding,
-    Protocol, RedisSink, ShardConfig,
+    AckMode, AdmissionMode, Durability, Gt06Settings, IdentificationMode, ListenerLimits,
+    PortBinding, Protocol, RedisSink, ShardConfig,
 };

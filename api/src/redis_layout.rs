@@ -675,7 +675,16 @@ mod tests {
         assert_eq!(args.len(), STORE_FIXED_ARGS + 2 * STORE_ARGS_PER_RECORD);
         assert_eq!(
             args[..STORE_FIXED_ARGS],
-            ["10", "128", "1000", "356307042441013", "8E", "5027", "7", ""]
+            [
+                "10",
+                "128",
+                "1000",
+                "356307042441013",
+                "8E",
+                "5027",
+                "7",
+                ""
+            ]
         );
         assert_eq!(args[STORE_FIXED_ARGS], "05451be87c41fa7e");
         assert_eq!(args[STORE_FIXED_ARGS + 1], "1560161086000");

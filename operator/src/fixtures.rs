@@ -28,6 +28,7 @@ impl PoolBuilder {
     fn new(mode: trackgate_api::IdentificationMode, start: u16, end: u16) -> Self {
         let spec = TrackerPortPoolSpec {
             protocol: Default::default(),
+            gt06: None,
             mode,
             ports: PortRange {
                 start,

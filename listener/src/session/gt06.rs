@@ -255,4 +255,3 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 pub(super) fn utc_offset(settings: &trackgate_api::Gt06Settings) -> UtcOffset {
     UtcOffset::from_minutes(settings.utc_offset_minutes).unwrap_or_default()
 }
-
