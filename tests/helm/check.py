@@ -518,6 +518,9 @@ BAD_POOLS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("a pinned port that is excluded", lambda s: (s["ports"].update(exclude=[5077]),
      s["devices"].append({"imei": "490154203237518", "port": 5077})), "must not be listed in spec.ports.exclude"),
     ("NodePort outside 30000-32767", lambda s: s.update(exposure={"type": "NodePort"}), "node-port range"),
+    ("gt06 settings on a teltonika pool", lambda s: s.update(protocol="teltonika", gt06={"utcOffsetMinutes": 480}),
+     "spec.gt06 applies to protocol: gt06"),
+    ("udp on a gt06 pool", lambda s: s.update(protocol="gt06", udp=True), "udp: true applies to protocol: teltonika"),
     ("a duplicate IMEI", lambda s: s["devices"].append(dict(s["devices"][0])), "duplicate"),
 ]
 
