@@ -538,4 +538,31 @@ mod tests {
             Err(ShardConfigError::Json(_))
         ));
     }
+
+    #[test]
+    fn protocol_settings_belong_to_their_protocol() {
+        let mut cfg = dedicated();
+        cfg.gt06.utc_offset_minutes = 480;
+        assert_eq!(cfg.validate(), Err(ShardConfigError::ProtocolMismatch));
+        cfg.protocol = Protocol::Gt06;
+        assert_eq!(cfg.validate(), Ok(()));
+        cfg.udp = true;
+        assert_eq!(cfg.validate(), Err(ShardConfigError::ProtocolMismatch));
+        cfg.udp = false;
+        cfg.gt06.utc_offset_minutes = 841;
+        assert_eq!(cfg.validate(), Err(ShardConfigError::UtcOffset(841)));
+
+        let cfg = ShardConfig::from_json(
+            r#"{"pool":"p","shard":0,"mode":"dedicated","protocol":"gt06",
+               "gt06":{"utcOffsetMinutes":-300},
+               "ports":[{"port":5023,"imei":"864717003283581"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (cfg.protocol, cfg.gt06.utc_offset_minutes),
+            (Protocol::Gt06, -300)
+        );
+        // A Teltonika shard's JSON is what it was before the protocol field existed.
+        assert!(!dedicated().to_json().contains("protocol"));
+    }
 }

@@ -351,11 +351,14 @@ mod tests {
                 assert!(a.allocated() > 0 && !cfgs.is_empty());
                 for cfg in cfgs {
                     cfg.validate().unwrap();
+                    // The protocol and its clock setting reach the listener.
+                    assert_eq!(cfg.protocol, pool.spec.protocol);
+                    assert_eq!(cfg.gt06, pool.spec.gt06.unwrap_or_default());
                 }
                 planned += 1;
             }
         }
-        assert!(planned >= 3, "examples not found or not parsed: {planned}");
+        assert!(planned >= 4, "examples not found or not parsed: {planned}");
     }
 
     #[test]
