@@ -105,9 +105,6 @@ struct SessionLimits {
     frame: Limits,
     login_timeout: Duration,
     idle_timeout: Duration,
-    protocol: Protocol,
-    /// GT06: how the device clock is read.
-    utc_offset: trackgate_protocol::gt06::UtcOffset,
 }
 
 impl SessionLimits {
@@ -116,8 +113,6 @@ impl SessionLimits {
             frame: view.frame_limits(),
             login_timeout: view.login_timeout(),
             idle_timeout: view.idle_timeout(),
-            protocol: view.config.protocol,
-            utc_offset: gt06::utc_offset(&view.config.gt06),
         }
     }
 }
@@ -135,8 +130,13 @@ struct Session<S> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn drive(&mut self, limits: SessionLimits) -> CloseReason {
-        if limits.protocol == Protocol::Gt06 {
-            return self.drive_gt06(limits).await;
+        let gt06 = {
+            let view = self.view.borrow();
+            (view.config.protocol == Protocol::Gt06).then(|| gt06::utc_offset(&view.config.gt06))
+        };
+        if let Some(utc_offset) = gt06 {
+            // NB: boxed so that the GT06 state machine does not grow every Teltonika session.
+            return Box::pin(self.drive_gt06(limits, utc_offset)).await;
         }
         let imei = match self.login(limits).await {
             Ok(imei) => imei,

@@ -102,6 +102,9 @@ impl ShardKeys {
     }
 }
 
+/// The `protocol` field of Teltonika entries (GT06's is `trackgate_protocol::gt06::PROTOCOL`).
+const TELTONIKA: &str = "teltonika";
+
 /// One frame's records, ready to send (kept for retries: same keys, same `recv`).
 #[derive(Debug)]
 pub(crate) struct StoreCall {
@@ -319,7 +322,7 @@ impl Sink {
                 codec: codec.label(),
                 port,
                 recv_ms,
-                protocol: "",
+                protocol: TELTONIKA,
             },
             records,
         );

@@ -218,7 +218,7 @@ async fn gt06_and_teltonika_shards_in_one_process() {
     wrong.write_all(&hex(LOGIN)).await.unwrap();
     closed_unanswered(&mut wrong).await;
 
-    // Teltonika on its shard of the same process: login, AVL, ack; no `protocol` field.
+    // Teltonika on its shard of the same process: login, AVL, ack, `protocol=teltonika`.
     let mut tel = TcpStream::connect((LOCAL, teltonika_port)).await.unwrap();
     let mut buf = BytesMut::new();
     encode_login(&Imei::parse(TELTONIKA_IMEI).unwrap(), &mut buf);
@@ -252,7 +252,7 @@ async fn gt06_and_teltonika_shards_in_one_process() {
     let tel_entries = readings(&redis, "tel", TELTONIKA_IMEI).await;
     assert_eq!(tel_entries[0]["codec"], "8");
     assert_eq!(tel_entries[0]["lat"], "54.6872345");
-    assert!(!tel_entries[0].contains_key("protocol"));
+    assert_eq!(tel_entries[0]["protocol"], "teltonika");
 
     assert!(listener.shutdown().await, "clean shutdown");
 }

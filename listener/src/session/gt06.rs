@@ -25,19 +25,25 @@ const LABEL: &str = "gt06";
 const RAW_LABEL: &str = "gt06_raw";
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    pub(super) async fn drive_gt06(&mut self, limits: SessionLimits) -> CloseReason {
+    pub(super) async fn drive_gt06(
+        &mut self,
+        limits: SessionLimits,
+        utc_offset: UtcOffset,
+    ) -> CloseReason {
         let mut decoder = FrameDecoder::new(limits.frame);
-        let imei = match self.gt06_login(limits, &mut decoder).await {
+        let imei = match self.gt06_login(limits, utc_offset, &mut decoder).await {
             Ok(imei) => imei,
             Err(reason) => return reason,
         };
         self.imei = Some(imei);
-        self.gt06_frames(limits, &mut decoder, &imei).await
+        self.gt06_frames(limits, utc_offset, &mut decoder, &imei)
+            .await
     }
 
     async fn gt06_login(
         &mut self,
         limits: SessionLimits,
+        utc_offset: UtcOffset,
         decoder: &mut FrameDecoder,
     ) -> Result<Imei, CloseReason> {
         let deadline = Instant::now() + limits.login_timeout;
@@ -60,7 +66,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 () = self.ctx.stop.cancelled() => return Err(CloseReason::Shutdown),
             }
         };
-        let imei = match Packet::decode(&frame, limits.utc_offset) {
+        let imei = match Packet::decode(&frame, utc_offset) {
             Ok(Packet::Login(login)) => login.imei,
             Ok(_) => {
                 self.count_login("malformed");
@@ -99,6 +105,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn gt06_frames(
         &mut self,
         limits: SessionLimits,
+        utc_offset: UtcOffset,
         decoder: &mut FrameDecoder,
         imei: &Imei,
     ) -> CloseReason {
@@ -112,7 +119,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             match decoder.decode(&mut self.buf) {
                 Ok(Some(frame)) => {
                     let size = before.saturating_sub(self.buf.len());
-                    if let Err(reason) = self.gt06_handle(frame, size, limits, imei).await {
+                    if let Err(reason) = self.gt06_handle(frame, size, utc_offset, imei).await {
                         return reason;
                     }
                     if state_written.elapsed() >= DEVICE_STATE_EVERY {
@@ -160,10 +167,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         &mut self,
         frame: Frame,
         size: usize,
-        limits: SessionLimits,
+        utc_offset: UtcOffset,
         imei: &Imei,
     ) -> Result<(), CloseReason> {
-        match Packet::decode(&frame, limits.utc_offset) {
+        match Packet::decode(&frame, utc_offset) {
             Ok(Packet::Location(location) | Packet::Alarm(location)) => {
                 Box::pin(self.gt06_store(&frame, location, size, imei)).await
             }
