@@ -294,14 +294,18 @@ async fn a_wrong_ca_or_password_fails_readyz_with_the_reason_and_acks_nothing() 
     let Some(redis) = TlsRedis::start(dir.path(), "no") else {
         return;
     };
-    let config = config();
     let cases = [
         (redis.url(PASSWORD), "other-ca.crt", "certificate"),
         (redis.url("wrong"), "ca.crt", "authentication failed"),
     ];
     for (url, ca, why) in cases {
-        let (ready, outcome) =
-            attempt(url, redis.files(ca, false), &config, Duration::from_secs(5)).await;
+        let (ready, outcome) = attempt(
+            url,
+            redis.files(ca, false),
+            &config(),
+            Duration::from_secs(5),
+        )
+        .await;
         let reason = ready.expect_err("not ready");
         eprintln!("{reason}");
         assert!(
@@ -326,11 +330,10 @@ async fn mutual_tls_needs_the_client_certificate() {
     let Some(redis) = TlsRedis::start(dir.path(), "yes") else {
         return;
     };
-    let config = config();
     let (ready, outcome) = attempt(
         redis.url(PASSWORD),
         redis.files("ca.crt", true),
-        &config,
+        &config(),
         Duration::from_secs(10),
     )
     .await;
@@ -340,10 +343,11 @@ async fn mutual_tls_needs_the_client_certificate() {
         "{}",
         outcome.report
     );
+    // a new port: the first listener's port may not be released yet
     let (ready, outcome) = attempt(
         redis.url(PASSWORD),
         redis.files("ca.crt", false),
-        &config,
+        &config(),
         Duration::from_secs(5),
     )
     .await;
