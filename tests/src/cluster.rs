@@ -40,9 +40,10 @@ impl RedisCluster {
         });
         let nodes = ports
             .iter()
-            .map(|_| ClusterNode {
-                server: RedisServer::start_with(
+            .map(|&port| ClusterNode {
+                server: RedisServer::start_on(
                     "redis-server",
+                    port,
                     &[
                         "--cluster-enabled",
                         "yes",

@@ -115,6 +115,11 @@ impl RedisServer {
     /// (persistence, TLS on a second port) on a free port, which stays plain TCP so the
     /// harness can `PING` it.
     pub fn start_with(binary: &str, args: &[&str]) -> Option<Self> {
+        Self::start_on(binary, free_port(), args)
+    }
+
+    /// [`Self::start_with`] on a chosen `port` (a cluster node needs `port + 10000` free too).
+    pub fn start_on(binary: &str, port: u16, args: &[&str]) -> Option<Self> {
         let binary = if binary.contains('/') {
             PathBuf::from(binary)
         } else {
@@ -122,7 +127,7 @@ impl RedisServer {
         };
         let dir = tempfile::tempdir().expect("temp dir for redis");
         let mut server = Self {
-            port: free_port(),
+            port,
             dir,
             child: None,
             binary,
