@@ -254,13 +254,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 biased;
                 () = self.ctx.stop.cancelled() => return CloseReason::Shutdown,
                 changed = self.view.changed() => {
-                    if changed.is_err() {
-                        return CloseReason::Shutdown;
-                    }
-                    let admission = self.view.borrow_and_update().admit(self.port, imei);
-                    if admission != Admission::Accepted {
-                        info!(result = admission.label(), "device or port removed from the config");
-                        return CloseReason::ConfigRemoved;
+                    if let Err(reason) = self.recheck_admission(changed, imei) {
+                        return reason;
                     }
                 }
                 read = self.stream.read_buf(&mut self.buf) => {
@@ -362,6 +357,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     // === Shared ===
+
+    /// After a config reload: is this device still admitted on this port? Both protocols'
+    /// frame loops ask it, so a removed device is closed the same way.
+    fn recheck_admission(
+        &mut self,
+        changed: Result<(), watch::error::RecvError>,
+        imei: &Imei,
+    ) -> Result<(), CloseReason> {
+        if changed.is_err() {
+            return Err(CloseReason::Shutdown);
+        }
+        let admission = self.view.borrow_and_update().admit(self.port, imei);
+        if admission != Admission::Accepted {
+            info!(
+                result = admission.label(),
+                "device or port removed from the config"
+            );
+            return Err(CloseReason::ConfigRemoved);
+        }
+        Ok(())
+    }
 
     fn on_read(&self, read: std::io::Result<usize>) -> Result<(), CloseReason> {
         match read {

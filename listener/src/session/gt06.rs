@@ -140,13 +140,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 biased;
                 () = self.ctx.stop.cancelled() => return CloseReason::Shutdown,
                 changed = self.view.changed() => {
-                    if changed.is_err() {
-                        return CloseReason::Shutdown;
-                    }
-                    let admission = self.view.borrow_and_update().admit(self.port, imei);
-                    if admission != Admission::Accepted {
-                        info!(result = admission.label(), "device or port removed from the config");
-                        return CloseReason::ConfigRemoved;
+                    if let Err(reason) = self.recheck_admission(changed, imei) {
+                        return reason;
                     }
                 }
                 read = self.stream.read_buf(&mut self.buf) => {
