@@ -6,7 +6,7 @@
 //! store script touching the stream and the device's dedup set stays in one Redis Cluster
 //! slot. Events and device state carry the pool's tag `{<pool>}`: one slot per pool.
 
-use std::fmt::Write as _;
+use std::io::Write as _;
 
 use trackgate_protocol::{AvlRecord, Imei, IoValue, gt06};
 
@@ -27,45 +27,119 @@ pub const FIELD_PORT: &str = "port";
 /// Entry field: server receive time, ms since the Unix epoch.
 pub const FIELD_RECV: &str = "recv";
 
-/// The store script: dedups one frame's records against the device's recent fingerprints
-/// and XADDs the new ones, atomically. `KEYS`: [`readings_key`], [`seen_key`]; `ARGV`:
-/// [`StoreArgs`] then, per record, [`fingerprint_member`] and the [`record_values`].
-/// Runnable by hand with `redis-cli --eval api/src/store_readings.lua` (example in the file).
+/// The store script: dedups one frame's records against the device's dedup window and XADDs
+/// the new ones, atomically. `KEYS`: [`store_keys`]; `ARGV`: [`StoreArgs`] then, per record,
+/// its fingerprint (8 bytes, big-endian) and the [`record_values`] (the whole layout is at the
+/// top of the file). Runnable by hand with `redis-cli --eval api/src/store_readings.lua`.
 pub const STORE_READINGS_LUA: &str = include_str!("store_readings.lua");
+
+/// How long after a trackgate 0.1.0 listener last wrote a device's dedup set the store script
+/// keeps reading and writing that set too (the upgrade path; see `store_readings.lua`). A
+/// rolling upgrade is expected to finish well within it.
+pub const LEGACY_DEDUP_GRACE_MS: u64 = 3_600_000;
 
 /// Fixed `ARGV` of one store call (before the per-record arguments).
 #[derive(Debug, Clone, Copy)]
 pub struct StoreArgs<'a> {
     /// `MAXLEN ~` of the readings stream.
     pub max_len: u64,
-    /// Fingerprints kept per device (the dedup window, in records).
+    /// Fingerprints kept per device (the dedup window, in records; at most 65,535).
     pub dedup_records: u32,
-    /// Idle time after which the device's fingerprint set expires, ms.
+    /// Idle time after which the device's dedup window expires, ms.
     pub dedup_ttl_ms: u64,
     /// The device.
     pub imei: &'a str,
-    /// Codec label.
+    /// Codec label; empty for a protocol without codecs (its empty values are left out).
     pub codec: &'a str,
     /// Listener port.
     pub port: u16,
     /// Server receive time, ms since the Unix epoch.
     pub recv_ms: u64,
-    /// The `protocol` field: empty for Teltonika (left out of the entry), `gt06` for GT06.
+    /// The `protocol` field (`teltonika`, `gt06`).
     pub protocol: &'a str,
 }
 
 /// Number of fixed `ARGV` before the records; each record then takes
 /// [`STORE_ARGS_PER_RECORD`].
-pub const STORE_FIXED_ARGS: usize = 8;
+pub const STORE_FIXED_ARGS: usize = 9;
 /// `ARGV` per record: its fingerprint and the [`RECORD_FIELDS`] values.
 pub const STORE_ARGS_PER_RECORD: usize = 1 + RECORD_FIELDS.len();
 
-/// The store script's `ARGV` for one frame.
-pub fn store_args(fixed: &StoreArgs<'_>, records: &[AvlRecord]) -> Vec<String> {
+/// The `ARGV` of one store call, packed in one buffer: built once per frame without a string
+/// per value, and copied as it is into the command on every attempt.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreCallArgs {
+    data: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl StoreCallArgs {
+    fn with_capacity(records: usize) -> Self {
+        Self {
+            data: Vec::with_capacity(64 + 160 * records),
+            ends: Vec::with_capacity(STORE_FIXED_ARGS + STORE_ARGS_PER_RECORD * records),
+        }
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        self.data.extend_from_slice(bytes);
+        self.ends.push(self.data.len());
+    }
+
+    fn push_fmt(&mut self, value: std::fmt::Arguments<'_>) {
+        use std::io::Write as _;
+        // Writing to a Vec cannot fail.
+        let _ = self.data.write_fmt(value);
+        self.ends.push(self.data.len());
+    }
+
+    /// Number of arguments.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// True when there is no argument.
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// Number of records in the call.
+    pub fn records(&self) -> usize {
+        self.len().saturating_sub(STORE_FIXED_ARGS) / STORE_ARGS_PER_RECORD
+    }
+
+    /// The arguments in order.
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts
+            .zip(&self.ends)
+            .map(|(start, &end)| &self.data[start..end])
+    }
+}
+
+/// The store script's `ARGV` for one Teltonika frame. A record repeated within the frame is
+/// sent once (the script relies on distinct fingerprints per call).
+pub fn store_args(fixed: &StoreArgs<'_>, records: &[AvlRecord]) -> StoreCallArgs {
     let mut args = fixed_args(fixed, records.len());
+    let mut sent = Vec::with_capacity(records.len());
     for record in records {
-        args.push(fingerprint_member(fingerprint(record)));
-        args.extend(record_values(record));
+        let fp = fingerprint(record);
+        if sent.contains(&fp) {
+            continue;
+        }
+        sent.push(fp);
+        args.push(&fp.to_be_bytes());
+        args.push_fmt(format_args!("{}", record.timestamp_ms));
+        push_degrees(&mut args, record.latitude);
+        push_degrees(&mut args, record.longitude);
+        args.push_fmt(format_args!("{}", record.altitude));
+        args.push_fmt(format_args!("{}", record.angle));
+        args.push_fmt(format_args!("{}", record.satellites));
+        args.push_fmt(format_args!("{}", record.speed));
+        args.push_fmt(format_args!("{}", record.priority));
+        args.push_fmt(format_args!("{}", record.event_id));
+        write_io_json(record, &mut args.data);
+        args.ends.push(args.data.len());
     }
     args
 }
@@ -73,34 +147,42 @@ pub fn store_args(fixed: &StoreArgs<'_>, records: &[AvlRecord]) -> Vec<String> {
 /// The store script's `ARGV` for GT06 locations: the same script and field names as
 /// Teltonika records; the fields GT06 lacks (`alt`, `priority`, `event`) are left empty, so
 /// the script leaves them out. Pass `codec: ""` and `protocol: "gt06"` in `fixed`.
-pub fn gt06_store_args(fixed: &StoreArgs<'_>, locations: &[gt06::Location]) -> Vec<String> {
+pub fn gt06_store_args(fixed: &StoreArgs<'_>, locations: &[gt06::Location]) -> StoreCallArgs {
     let mut args = fixed_args(fixed, locations.len());
+    let mut sent = Vec::with_capacity(locations.len());
     for location in locations {
-        args.push(fingerprint_member(location.fingerprint()));
+        let fp = location.fingerprint();
+        if sent.contains(&fp) {
+            continue;
+        }
+        sent.push(fp);
+        args.push(&fp.to_be_bytes());
         let fields = location.fields();
-        args.extend(RECORD_FIELDS.iter().map(|name| {
-            fields
+        for name in RECORD_FIELDS {
+            let value = fields
                 .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| v.clone())
-                .unwrap_or_default()
-        }));
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.as_str());
+            args.push(value.unwrap_or_default().as_bytes());
+        }
     }
     args
 }
 
-fn fixed_args(fixed: &StoreArgs<'_>, records: usize) -> Vec<String> {
-    let mut args = Vec::with_capacity(STORE_FIXED_ARGS + STORE_ARGS_PER_RECORD * records);
-    args.extend([
-        fixed.max_len.to_string(),
-        fixed.dedup_records.to_string(),
-        fixed.dedup_ttl_ms.to_string(),
-        fixed.imei.to_owned(),
-        fixed.codec.to_owned(),
-        fixed.port.to_string(),
-        fixed.recv_ms.to_string(),
-        fixed.protocol.to_owned(),
-    ]);
+fn fixed_args(fixed: &StoreArgs<'_>, records: usize) -> StoreCallArgs {
+    let mut args = StoreCallArgs::with_capacity(records);
+    args.push_fmt(format_args!("{}", fixed.max_len));
+    args.push_fmt(format_args!(
+        "{}",
+        fixed.dedup_records.clamp(1, u32::from(u16::MAX))
+    ));
+    args.push_fmt(format_args!("{}", fixed.dedup_ttl_ms));
+    args.push(fixed.imei.as_bytes());
+    args.push(fixed.codec.as_bytes());
+    args.push_fmt(format_args!("{}", fixed.port));
+    args.push_fmt(format_args!("{}", fixed.recv_ms));
+    args.push(fixed.protocol.as_bytes());
+    args.push_fmt(format_args!("{LEGACY_DEDUP_GRACE_MS}"));
     args
 }
 
@@ -119,10 +201,28 @@ pub fn readings_key(prefix: &str, pool: &str, partition: u32) -> String {
     format!("{prefix}:{{{pool}:{partition}}}:readings")
 }
 
-/// `<prefix>:{<pool>:<n>}:seen:<imei>`: the device's recent record fingerprints (a sorted
-/// set, the dedup window), in the same hash slot as the device's readings stream.
+/// `<prefix>:{<pool>:<n>}:dedup:<imei>`: the device's dedup window (a string: a 16-byte header
+/// and a ring of 8-byte fingerprints, see `store_readings.lua`), in the same hash slot as the
+/// device's readings stream.
+pub fn dedup_key(prefix: &str, pool: &str, partition: u32, imei: &str) -> String {
+    format!("{prefix}:{{{pool}:{partition}}}:dedup:{imei}")
+}
+
+/// `<prefix>:{<pool>:<n>}:seen:<imei>`: the dedup window of trackgate 0.1.0 (a sorted set of
+/// [`fingerprint_member`]s), read and kept up to date by the store script only while a 0.1.0
+/// listener may still serve the device.
 pub fn seen_key(prefix: &str, pool: &str, partition: u32, imei: &str) -> String {
     format!("{prefix}:{{{pool}:{partition}}}:seen:{imei}")
+}
+
+/// The store script's `KEYS` for a device: [`readings_key`], [`dedup_key`], [`seen_key`].
+pub fn store_keys(prefix: &str, pool: &str, imei: &Imei, partitions: u32) -> [String; 3] {
+    let partition = partition_of(imei, partitions);
+    [
+        readings_key(prefix, pool, partition),
+        dedup_key(prefix, pool, partition, imei.as_str()),
+        seen_key(prefix, pool, partition, imei.as_str()),
+    ]
 }
 
 /// A fingerprint as the member of [`seen_key`]'s set: 16 lowercase hex digits.
@@ -158,29 +258,34 @@ pub fn record_fields(record: &AvlRecord) -> impl Iterator<Item = (&'static str, 
 /// The `io` field: a JSON object in wire order, IO id as a string → unsigned integer, or a
 /// lowercase hex string for variable-length values: `{"239":1,"256":"575657"}`.
 pub fn io_json(record: &AvlRecord) -> String {
-    let mut out = String::with_capacity(2 + record.io.len() * 12);
-    out.push('{');
+    let mut out = Vec::with_capacity(2 + record.io.len() * 12);
+    write_io_json(record, &mut out);
+    // Only ASCII is written.
+    String::from_utf8(out).unwrap_or_default()
+}
+
+fn write_io_json(record: &AvlRecord, out: &mut Vec<u8>) {
+    // Writing to a Vec cannot fail.
+    out.push(b'{');
     for (i, e) in record.io.iter().enumerate() {
         if i > 0 {
-            out.push(',');
+            out.push(b',');
         }
-        // Writing to a String cannot fail.
         let _ = write!(out, "\"{}\":", e.id);
         match &e.value {
             IoValue::Var(bytes) => {
-                out.push('"');
+                out.push(b'"');
                 for b in bytes {
                     let _ = write!(out, "{b:02x}");
                 }
-                out.push('"');
+                out.push(b'"');
             }
             fixed => {
                 let _ = write!(out, "{}", fixed.as_u64().unwrap_or_default());
             }
         }
     }
-    out.push('}');
-    out
+    out.push(b'}');
 }
 
 /// A deterministic 64-bit hash of every field of a record (FNV-1a; no per-process random
@@ -224,10 +329,20 @@ pub fn fingerprint(record: &AvlRecord) -> u64 {
 
 /// `value / 10^7` with exactly seven decimals, sign included (`-0.5000000`).
 fn degrees(value: i32) -> String {
+    let mut args = StoreCallArgs::default();
+    push_degrees(&mut args, value);
+    String::from_utf8(args.data).unwrap_or_default()
+}
+
+fn push_degrees(args: &mut StoreCallArgs, value: i32) {
     let v = i64::from(value);
     let sign = if v < 0 { "-" } else { "" };
     let abs = v.unsigned_abs();
-    format!("{sign}{}.{:07}", abs / 10_000_000, abs % 10_000_000)
+    args.push_fmt(format_args!(
+        "{sign}{}.{:07}",
+        abs / 10_000_000,
+        abs % 10_000_000
+    ));
 }
 
 /// FNV-1a, 64-bit: tiny, fast on short inputs, and stable across processes and versions.
@@ -296,7 +411,8 @@ pub fn cluster_nodes(url: &str) -> Result<Option<Vec<String>>, String> {
 /// its keys, nothing else. `ACL SETUSER <user> on ><password> <rules>`.
 ///
 /// - `evalsha`/`eval`: the store script (`eval` reloads it after a restart or failover);
-///   inside it `zscore`, `zremrangebyrank`, `xadd`, `zadd`, `pexpire`;
+///   inside it `getrange`, `setrange`, `set`, `pexpire`, `xadd`, and for the 0.1.0 dedup sets
+///   `pttl`, `zscore`, `zrange`, `zremrangebyrank`, `zadd`, `del`;
 /// - `xadd`, `hset`: events and device state;
 /// - `wait`: the `replicas` mode (add [`WAITAOF_ACL`] on servers that have `WAITAOF`, for the
 ///   `fsync` modes); `ping`, `info`: readiness and the check that the server can keep the
@@ -311,7 +427,8 @@ pub fn cluster_nodes(url: &str) -> Result<Option<Vec<String>>, String> {
 pub fn listener_acl(prefix: &str) -> String {
     format!(
         "resetkeys ~{prefix}:* resetchannels &{prefix}:* -@all \
-         +evalsha +eval +zscore +zremrangebyrank +xadd +zadd +pexpire +hset \
+         +evalsha +eval +getrange +setrange +pttl +zscore +zrange +zremrangebyrank +xadd \
+         +zadd +pexpire +hset \
          +wait +ping +info \
          +cluster|slots +cluster|nodes +cluster|shards +asking +readonly \
          +xgroup|create +xreadgroup +xautoclaim +subscribe +hmset +script|load \
@@ -570,6 +687,10 @@ mod tests {
             seen_key("trackgate", "fleet", 3, "356307042441013"),
             "trackgate:{fleet:3}:seen:356307042441013"
         );
+        assert_eq!(
+            dedup_key("trackgate", "fleet", 3, "356307042441013"),
+            "trackgate:{fleet:3}:dedup:356307042441013"
+        );
         assert_eq!(fingerprint_member(0xab), "00000000000000ab");
         assert_eq!(events_key("tg", "fleet"), "tg:{fleet}:events");
         assert_eq!(devices_key("tg", "fleet"), "tg:{fleet}:devices");
@@ -653,10 +774,26 @@ mod tests {
             );
         }
         assert!(STORE_READINGS_LUA.contains(&format!(
-            "for a = {}, #ARGV, {}",
+            "for a = {}, #A, {}",
             STORE_FIXED_ARGS + 1,
             STORE_ARGS_PER_RECORD
         )));
+        // The spelled-out XADD of frames with a codec names every field, in the same order.
+        let spelled: Vec<String> = std::iter::once(FIELD_IMEI)
+            .chain(RECORD_FIELDS)
+            .chain([FIELD_CODEC, "protocol", FIELD_PORT, FIELD_RECV])
+            .map(|f| format!("'{f}'"))
+            .collect();
+        let xadd = STORE_READINGS_LUA
+            .split("redis.call('XADD'")
+            .nth(1)
+            .unwrap_or_default();
+        let mut at = 0;
+        for field in &spelled {
+            let found = xadd[at..].find(field.as_str());
+            assert!(found.is_some(), "{field} missing from the spelled-out XADD");
+            at += found.unwrap_or_default();
+        }
     }
 
     #[test]
@@ -669,25 +806,41 @@ mod tests {
             codec: "8E",
             port: 5027,
             recv_ms: 7,
-            protocol: "",
+            protocol: "teltonika",
         };
-        let args = store_args(&fixed, &[rec(), rec()]);
+        let mut other = rec();
+        other.timestamp_ms += 1000;
+        // The repeated record is sent once.
+        let args = store_args(&fixed, &[rec(), rec(), other.clone()]);
         assert_eq!(args.len(), STORE_FIXED_ARGS + 2 * STORE_ARGS_PER_RECORD);
+        assert_eq!(args.records(), 2);
+        let args: Vec<&[u8]> = args.iter().collect();
+        let fixed: Vec<&[u8]> = vec![
+            b"10",
+            b"128",
+            b"1000",
+            b"356307042441013",
+            b"8E",
+            b"5027",
+            b"7",
+            b"teltonika",
+            b"3600000",
+        ];
+        assert_eq!(args[..STORE_FIXED_ARGS], fixed[..]);
         assert_eq!(
-            args[..STORE_FIXED_ARGS],
-            [
-                "10",
-                "128",
-                "1000",
-                "356307042441013",
-                "8E",
-                "5027",
-                "7",
-                ""
-            ]
+            args[STORE_FIXED_ARGS],
+            0x0545_1be8_7c41_fa7e_u64.to_be_bytes()
         );
-        assert_eq!(args[STORE_FIXED_ARGS], "05451be87c41fa7e");
-        assert_eq!(args[STORE_FIXED_ARGS + 1], "1560161086000");
+        // The values are record_values, byte for byte.
+        for (record, at) in [
+            (rec(), STORE_FIXED_ARGS),
+            (other, STORE_FIXED_ARGS + STORE_ARGS_PER_RECORD),
+        ] {
+            let values = record_values(&record);
+            for (j, value) in values.iter().enumerate() {
+                assert_eq!(args[at + 1 + j], value.as_bytes(), "{}", RECORD_FIELDS[j]);
+            }
+        }
     }
 
     /// GT06 entries spell the names they share with Teltonika entries the same (the GT06

@@ -1,45 +1,162 @@
 -- trackgate store_readings: stores one frame's records exactly once (see api/src/redis_layout.rs).
 --
--- KEYS[1]: the partition's readings stream; KEYS[2]: the device's recent-fingerprint set.
--- ARGV: maxlen, window (records), ttl_ms, imei, codec, port, recv, protocol,
---       then per record: fingerprint and the 10 field values.
--- An empty value (codec, protocol or a record field) leaves that field out of the entry:
--- Teltonika entries have no `protocol`, GT06 entries no `codec`, `alt`, `priority`, `event`.
+-- KEYS[1]: the partition's readings stream; KEYS[2]: the device's dedup window (a string);
+-- KEYS[3]: the device's dedup set of trackgate 0.1.0 (a sorted set, read and kept up to date
+-- while a 0.1.0 listener may still serve the device: the upgrade path).
+-- ARGV: maxlen, window (records), ttl_ms, imei, codec, port, recv, protocol, legacy_grace_ms,
+--       then per record: its fingerprint (8 bytes) and the 10 field values, `ts` first.
+-- The fingerprints of one call are distinct (the caller drops repeats within a frame).
+-- An empty codec means a frame whose empty values are left out of the entry (GT06: no
+-- `codec`, `alt`, `priority`, `event`); with a codec (Teltonika) every value is present.
 -- Returns how many records were new (added to the stream).
 --
--- Run by hand:
---   redis-cli --eval store_readings.lua 'trackgate:{fleet:1}:readings' \
---     'trackgate:{fleet:1}:seen:356307042441013' , 1000000 128 604800000 356307042441013 \
---     8 5027 1700000000000 '' 00000000000000ab 1700000000000 54.6872345 -3.1000000 120 90 7 42 1 0 '{}'
-local names = {'ts','lat','lon','alt','angle','sats','speed','priority','event','io'}
-local new, pending = {}, {}
-for a = 9, #ARGV, 11 do
-  local fp = ARGV[a]
-  if not pending[fp] and not redis.call('ZSCORE', KEYS[2], fp) then
-    pending[fp] = true
-    new[#new + 1] = a
+-- The window: a 16-byte header (the newest `ts` stored, as a double; the next slot; the slots
+-- filled; the slot count; how many more writes until no fingerprint taken over from a 0.1.0 set
+-- is left) and a
+-- ring of 8-byte fingerprints, ~1 KB per device at 128. A record newer than every record
+-- stored is new without a lookup: with a device clock that runs forward, that is every record
+-- but resends, so the ring is read only for those. Fingerprints taken over from a 0.1.0 set
+-- come without their `ts`, so while any is still in the ring every record is looked up.
+--
+-- The upgrade from 0.1.0: while a 0.1.0 listener has written the device's set within
+-- legacy_grace_ms, this script reads that set too and writes what 0.1.0 writes there, so a
+-- device that moves between old and new listeners mid-rollout is stored once either way. Once
+-- no 0.1.0 listener has written it for that long, its fingerprints move into the ring and the
+-- set is deleted.
+--
+-- Cost is what this script is about (docs/benchmarks.md "Store"): number arguments to
+-- redis.call are passed as strings (a Lua number is formatted with %.14g, costly), the entry
+-- is one XADD with its fields spelled out, and the window is read and written in place.
+local A = ARGV
+local stream, dedup, legacy = KEYS[1], KEYS[2], KEYS[3]
+local maxlen, window, ttl = A[1], tonumber(A[2]), A[3]
+local imei, codec, port, recv, protocol = A[4], A[5], A[6], A[7], A[8]
+local HDR, W, FMT = 16, 8, '>dI2I2I2I2'
+
+local hwm, head, count, slots, imported = -1, 0, 0, window, 0
+local h = redis.call('GETRANGE', dedup, '0', '15')
+if #h == HDR then
+  hwm, head, count, slots, imported = struct.unpack(FMT, h)
+end
+local dirty = false
+if count > 0 and slots ~= window then
+  -- The window was resized: keep the newest fingerprints, oldest first, from slot 0.
+  local ring = redis.call('GETRANGE', dedup, '16', '-1')
+  local ordered = string.sub(ring, 1, count * W)
+  if count == slots then
+    ordered = string.sub(ring, head * W + 1, slots * W) .. string.sub(ring, 1, head * W)
   end
+  count = math.min(count, window)
+  imported = math.min(imported, count)
+  head = count % window
+  redis.call('SET', dedup, struct.pack(FMT, hwm, head, count, window, imported)
+    .. string.sub(ordered, -count * W))
+  dirty = true
 end
-if #new == 0 then
-  return 0
-end
--- Make room first, so the set never exceeds the window and stays a compact listpack.
-local room = math.max(tonumber(ARGV[2]) - #new, 0)
-redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(room + 1))
-for seq, a in ipairs(new) do
-  local e = {'imei', ARGV[4]}
-  for j = 1, 10 do
-    if ARGV[a + j] ~= '' then
-      e[#e + 1] = names[j]
-      e[#e + 1] = ARGV[a + j]
+
+-- Writes fingerprints fps[from..to] into the ring, oldest first.
+local function push(fps, from, to)
+  local k = to - from + 1
+  if k <= 0 then return end
+  if k >= window then
+    redis.call('SETRANGE', dedup, '16', table.concat(fps, '', to - window + 1, to))
+    head, count = 0, window
+  else
+    local first = window - head
+    redis.call('SETRANGE', dedup, string.format('%d', HDR + head * W),
+      table.concat(fps, '', from, from + math.min(k, first) - 1))
+    if k > first then
+      redis.call('SETRANGE', dedup, '16', table.concat(fps, '', from + first, to))
     end
+    head, count = (head + k) % window, math.min(count + k, window)
   end
-  if ARGV[5] ~= '' then e[#e + 1] = 'codec'; e[#e + 1] = ARGV[5] end
-  if ARGV[8] ~= '' then e[#e + 1] = 'protocol'; e[#e + 1] = ARGV[8] end
-  e[#e + 1] = 'port'; e[#e + 1] = ARGV[6]
-  e[#e + 1] = 'recv'; e[#e + 1] = ARGV[7]
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(e))
-  redis.call('ZADD', KEYS[2], string.format('%d', tonumber(ARGV[7]) * 1000 + seq), ARGV[a])
+  dirty = true
 end
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
-return #new
+
+local function hex(fp)
+  return string.format('%08x%08x', struct.unpack('>I4I4', fp))
+end
+
+-- A 0.1.0 listener sets its set's TTL to ttl_ms on every write; this script never does, so
+-- ttl_ms - PTTL is the time since a 0.1.0 listener last stored a record of this device.
+local dual = false
+local pttl = redis.call('PTTL', legacy)
+if pttl ~= -2 then
+  if pttl >= 0 and tonumber(ttl) - pttl < tonumber(A[9]) then
+    dual = true
+  else
+    local members = redis.call('ZRANGE', legacy, '0', '-1')
+    local fps = {}
+    for i, m in ipairs(members) do
+      fps[i] = struct.pack('>I4I4', tonumber(string.sub(m, 1, 8), 16),
+        tonumber(string.sub(m, 9, 16), 16))
+    end
+    push(fps, 1, #fps)
+    -- Until every slot now in the ring has been overwritten, a taken-over fingerprint may
+    -- still be there.
+    imported = count
+    redis.call('DEL', legacy)
+  end
+end
+
+local ring
+local function in_ring(fp)
+  if count == 0 then return false end
+  ring = ring or redis.call('GETRANGE', dedup, '16', '-1')
+  local last, i = count * W, 1
+  while true do
+    local p = string.find(ring, fp, i, true)
+    if not p or p > last then return false end
+    if p % W == 1 then return true end
+    i = p + 1
+  end
+end
+
+local names = {'ts','lat','lon','alt','angle','sats','speed','priority','event','io'}
+local fps, k, top = {}, 0, hwm
+for a = 10, #A, 11 do
+  local fp, ts = A[a], tonumber(A[a + 1])
+  local fresh = (ts > hwm and imported == 0) or not in_ring(fp)
+  if fresh and dual then
+    fresh = not redis.call('ZSCORE', legacy, hex(fp))
+  end
+  if fresh then
+    if codec ~= '' then
+      redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'imei', imei,
+        'ts', A[a + 1], 'lat', A[a + 2], 'lon', A[a + 3], 'alt', A[a + 4], 'angle', A[a + 5],
+        'sats', A[a + 6], 'speed', A[a + 7], 'priority', A[a + 8], 'event', A[a + 9],
+        'io', A[a + 10], 'codec', codec, 'protocol', protocol, 'port', port, 'recv', recv)
+    else
+      local e = {'imei', imei}
+      for j = 1, 10 do
+        if A[a + j] ~= '' then
+          e[#e + 1] = names[j]
+          e[#e + 1] = A[a + j]
+        end
+      end
+      e[#e + 1] = 'protocol'; e[#e + 1] = protocol
+      e[#e + 1] = 'port'; e[#e + 1] = port
+      e[#e + 1] = 'recv'; e[#e + 1] = recv
+      redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', unpack(e))
+    end
+    k = k + 1
+    fps[k] = fp
+    if ts > top then top = ts end
+  end
+end
+
+push(fps, 1, k)
+if dirty then
+  imported = math.max(imported - k, 0)
+  redis.call('SETRANGE', dedup, '0', struct.pack(FMT, top, head, count, window, imported))
+  redis.call('PEXPIRE', dedup, ttl)
+end
+if dual and k > 0 then
+  -- Exactly what 0.1.0 writes, so a 0.1.0 listener sees these records as stored; the set's
+  -- TTL is left alone (see above).
+  redis.call('ZREMRANGEBYRANK', legacy, '0', string.format('%d', -(math.max(window - k, 0) + 1)))
+  for i = 1, k do
+    redis.call('ZADD', legacy, string.format('%d', tonumber(recv) * 1000 + i), hex(fps[i]))
+  end
+end
+return k

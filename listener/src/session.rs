@@ -535,7 +535,12 @@ mod tests {
         };
         let packet = AvlPacket {
             codec: Codec::Codec8,
-            records: vec![record; records],
+            records: (0..records)
+                .map(|i| AvlRecord {
+                    timestamp_ms: record.timestamp_ms + i as u64 * 1000,
+                    ..record.clone()
+                })
+                .collect(),
         };
         let mut buf = BytesMut::new();
         encode_avl(&packet, &mut buf).unwrap();

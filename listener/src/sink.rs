@@ -36,7 +36,7 @@ use redis::{Cmd, Script};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use trackgate_api::Durability;
-use trackgate_api::redis_layout::{self as layout, STORE_READINGS_LUA, StoreArgs};
+use trackgate_api::redis_layout::{self as layout, STORE_READINGS_LUA, StoreArgs, StoreCallArgs};
 use trackgate_protocol::{AvlRecord, Codec, Imei};
 use trackgate_telemetry::Health;
 
@@ -108,34 +108,33 @@ const TELTONIKA: &str = "teltonika";
 /// One frame's records, ready to send (kept for retries: same keys, same `recv`).
 #[derive(Debug)]
 pub(crate) struct StoreCall {
-    pub(crate) keys: Vec<String>,
-    args: Vec<String>,
+    pub(crate) keys: [String; 3],
+    args: StoreCallArgs,
     pub(crate) durability: Durability,
 }
 
 impl StoreCall {
-    /// Number of records in the call.
+    /// Number of records in the call (a record repeated within the frame counts once).
     #[cfg(test)]
     pub(crate) fn records(&self) -> usize {
-        self.args.len().saturating_sub(layout::STORE_FIXED_ARGS) / layout::STORE_ARGS_PER_RECORD
+        self.args.records()
     }
 
     pub(crate) fn cmd(&self, script: &Script) -> Cmd {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(script.get_hash())
-            .arg(self.keys.len())
-            .arg(&self.keys)
-            .arg(&self.args);
-        cmd
+        self.with_script("EVALSHA", script.get_hash())
     }
 
     /// The same call with the script's text (after `NOSCRIPT`).
     pub(crate) fn eval_cmd(&self) -> Cmd {
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(STORE_READINGS_LUA)
-            .arg(self.keys.len())
-            .arg(&self.keys)
-            .arg(&self.args);
+        self.with_script("EVAL", STORE_READINGS_LUA)
+    }
+
+    fn with_script(&self, name: &str, script: &str) -> Cmd {
+        let mut cmd = redis::cmd(name);
+        cmd.arg(script).arg(self.keys.len()).arg(&self.keys[..]);
+        for arg in self.args.iter() {
+            cmd.arg(arg);
+        }
         cmd
     }
 }
@@ -308,11 +307,7 @@ impl Sink {
         records: &[AvlRecord],
         recv_ms: u64,
     ) -> Arc<StoreCall> {
-        let partition = layout::partition_of(imei, keys.partitions);
-        let call_keys = vec![
-            layout::readings_key(&keys.prefix, &keys.pool, partition),
-            layout::seen_key(&keys.prefix, &keys.pool, partition, imei.as_str()),
-        ];
+        let call_keys = layout::store_keys(&keys.prefix, &keys.pool, imei, keys.partitions);
         let args = layout::store_args(
             &StoreArgs {
                 max_len: keys.max_len,
@@ -342,11 +337,7 @@ impl Sink {
         location: &trackgate_protocol::gt06::Location,
         recv_ms: u64,
     ) -> Arc<StoreCall> {
-        let partition = layout::partition_of(imei, keys.partitions);
-        let call_keys = vec![
-            layout::readings_key(&keys.prefix, &keys.pool, partition),
-            layout::seen_key(&keys.prefix, &keys.pool, partition, imei.as_str()),
-        ];
+        let call_keys = layout::store_keys(&keys.prefix, &keys.pool, imei, keys.partitions);
         let args = layout::gt06_store_args(
             &StoreArgs {
                 max_len: keys.max_len,
