@@ -35,7 +35,8 @@ local HDR, W, FMT = 16, 8, '>dI2I2I2I2'
 
 local hwm, head, count, slots, imported = -1, 0, 0, window, 0
 local h = redis.call('GETRANGE', dedup, '0', '15')
-if #h == HDR then
+local exists = #h == HDR
+if exists then
   hwm, head, count, slots, imported = struct.unpack(FMT, h)
 end
 local dirty = false
@@ -50,7 +51,7 @@ if count > 0 and slots ~= window then
   imported = math.min(imported, count)
   head = count % window
   redis.call('SET', dedup, struct.pack(FMT, hwm, head, count, window, imported)
-    .. string.sub(ordered, -count * W))
+    .. string.sub(ordered, -count * W) .. string.rep('\0', (window - count) * W))
   dirty = true
 end
 
@@ -58,6 +59,11 @@ end
 local function push(fps, from, to)
   local k = to - from + 1
   if k <= 0 then return end
+  if not exists then
+    -- Created at its full size: grown by SETRANGE, Redis would double its allocation.
+    redis.call('SET', dedup, string.rep('\0', HDR + window * W))
+    exists = true
+  end
   if k >= window then
     redis.call('SETRANGE', dedup, '16', table.concat(fps, '', to - window + 1, to))
     head, count = 0, window

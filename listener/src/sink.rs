@@ -12,21 +12,22 @@
 //! for many frames. Each session awaits its own frame's result and acks only on `Ok`.
 //!
 //! Dedup is atomic with the XADD: the `store_readings` script checks each record's
-//! fingerprint against the device's recent-fingerprint set
-//! (`<prefix>:{<pool>:<n>}:seen:<imei>`, a sorted set scored by arrival), XADDs the records not
-//! in it and adds their fingerprints, first trimming the set so that it holds at most the
-//! newest `dedup_records` (unless one frame alone is larger). Both keys share the partition's hash tag, so the script is
-//! valid on Redis Cluster. The XADD comes before the ZADD: a failing XADD aborts the script
-//! before its fingerprint is remembered, so a remembered record is always in the stream.
+//! fingerprint against the device's dedup window (`<prefix>:{<pool>:<n>}:dedup:<imei>`, a
+//! string: a header with the newest `ts` stored and a ring of the newest `dedup_records`
+//! fingerprints), XADDs the records not in it and remembers them. A record newer than anything
+//! the device stored is new without a lookup. Every key shares the partition's hash tag, so the
+//! script is valid on Redis Cluster. The XADDs come before the window is written: a failing
+//! XADD aborts the script before its fingerprint is remembered, so a remembered record is
+//! always in the stream.
 //!
 //! NB: the window is the device's last N records, not a time span. A Teltonika device sends
 //! one frame and waits for its ack, so a record that was stored but not acked is always among
 //! the newest records of that device when it comes back, however long the device was away.
-//! Bounding by count makes the cost per device fixed (~4.2 KB at N = 128, measured with
-//! Redis 7.0: the set stays a listpack up to `zset-max-listpack-entries` = 128) instead of
-//! growing with traffic: one marker key per record with a TTL costs ~150 B per record (the
-//! same as the stream entry itself), i.e. gigabytes per day for a large fleet. The set expires
+//! Bounding by count makes the cost per device fixed (~1.1 KB at N = 128) instead of growing
+//! with traffic: one marker key per record with a TTL costs ~150 B per record (the same as the
+//! stream entry itself), i.e. gigabytes per day for a large fleet. The window expires
 //! `dedup_ttl` after the device's last stored record, so removed devices leave nothing behind.
+//! The script's own header has the layout, and the upgrade from 0.1.0's sorted sets.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
