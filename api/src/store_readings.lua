@@ -10,6 +10,12 @@
 -- `codec`, `alt`, `priority`, `event`); with a codec (Teltonika) every value is present.
 -- Returns how many records were new (added to the stream).
 --
+-- Run by hand (any 8 characters make a fingerprint):
+--   redis-cli --eval store_readings.lua 'trackgate:{fleet:1}:readings' \
+--     'trackgate:{fleet:1}:dedup:356307042441013' 'trackgate:{fleet:1}:seen:356307042441013' , \
+--     1000000 128 604800000 356307042441013 8 5027 1700000000000 teltonika 3600000 \
+--     fp000001 1700000000000 54.6872345 -3.1000000 120 90 7 42 1 0 '{}'
+--
 -- The window: a 16-byte header (the newest `ts` stored, as a double; the next slot; the slots
 -- filled; the slot count; how many more writes until no fingerprint taken over from a 0.1.0 set
 -- is left) and a

@@ -6,8 +6,9 @@
 #   simulator/bench/listener.sh [path/to/trackgate] [part...]
 #
 # Parts (default: all): ceiling max latency idle.
-#   ceiling  redis-benchmark running the listener's own store_readings script (EVALSHA), same
-#            entry shape, records per call and dedup work: the Redis ceiling.
+#   ceiling  Redis running the listener's own store calls, replayed (simulator/bench/store.sh;
+#            build its generator with `cargo build --release -p trackgate-simulator --example
+#            store_calls`): the Redis ceiling.
 #   max      records/s the listener stores (dedup on) with devices sending as fast as acked.
 #   latency  ack latency at 50% and 80% of the measured maximum (needs `max` in the same run,
 #            or MAX_RATE=<records/s>).
@@ -15,7 +16,7 @@
 #            listener and the time until every device is logged in again.
 #
 # Knobs (env): DEVICES=200 RPF=10 SECONDS_MAX=20 SECONDS_LAT=15 IDLE_DEVICES=19000
-# BENCH_CLIENTS=50 BENCH_PIPELINE=16 BENCH_CALLS=200000.
+# BENCH_CALLS=50000 (frames measured for the ceiling).
 set -euo pipefail
 
 BIN=${1:-target/release/trackgate}
@@ -26,9 +27,7 @@ RPF=${RPF:-10}
 SECONDS_MAX=${SECONDS_MAX:-20}
 SECONDS_LAT=${SECONDS_LAT:-15}
 IDLE_DEVICES=${IDLE_DEVICES:-19000}
-BENCH_CLIENTS=${BENCH_CLIENTS:-50}
-BENCH_PIPELINE=${BENCH_PIPELINE:-16}
-BENCH_CALLS=${BENCH_CALLS:-200000}
+BENCH_CALLS=${BENCH_CALLS:-50000}
 REDIS_PORT=${REDIS_PORT:-16400}
 DEVICE_PORT=${DEVICE_PORT:-17100}
 ADMIN_PORT=${ADMIN_PORT:-19100}
@@ -89,27 +88,9 @@ rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 start_redis
 
 if [[ " $PARTS " == *" ceiling "* ]]; then
-  say "ceiling: redis-benchmark EVALSHA store_readings, ${RPF} records/call, ${BENCH_CLIENTS} clients, pipeline ${BENCH_PIPELINE}"
-  # The script text, exactly as the listener sends it.
-  SHA=$(rcli -x SCRIPT LOAD <"$ROOT/api/src/store_readings.lua")
-  # One record's 10 field values, as a simulated Codec 8E device produces them.
-  RECORD=(1763700000000 54.6872345 -3.1000000 120 215 11 63 0 0
-    '{"16":43122,"21":4,"24":63,"66":12873,"67":4012,"78":1311768467463790320,"239":1,"240":1,"256":"57565a5a5a314b5a3132333435363738"}')
-  ARGS=()
-  for ((i = 0; i < RPF; i++)); do
-    # Fingerprint: four random 12-digit parts, so no two records collide (every call does
-    # the full dedup miss + XADD + ZADD work); the device set key draws from DEVICES devices.
-    ARGS+=("__rand_int____rand_int____rand_int____rand_int__" "${RECORD[@]}")
-  done
-  rcli FLUSHALL >/dev/null
-  redis-benchmark -p "$REDIS_PORT" -q -n "$BENCH_CALLS" -c "$BENCH_CLIENTS" -P "$BENCH_PIPELINE" \
-    -r "$DEVICES" \
-    EVALSHA "$SHA" 2 'trackgate:{bench:0}:readings' 'trackgate:{bench:0}:seen:__rand_int__' \
-    1000000 128 604800000 356000000000000 8e 17100 1763700000000 "${ARGS[@]}" |
-    tr '\r' '\n' | tail -1 | sed 's/.*: \([0-9.]* requests per second\)/\1/' | tee "$WORK/ceiling.txt"
-  CALLS=$(grep -oE '[0-9.]+ requests per second' "$WORK/ceiling.txt" | cut -d' ' -f1)
-  echo "ceiling: $CALLS calls/s x $RPF = $(python3 -c "print(round($CALLS * $RPF))") records/s"
-  echo "entries stored: $(rcli XLEN 'trackgate:{bench:0}:readings') (expected $((BENCH_CALLS * RPF)))"
+  say "ceiling: Redis running exactly the listener's store calls (simulator/bench/store.sh), ${DEVICES} devices, ${RPF} records/frame"
+  DEVICES=$DEVICES RPF=$RPF FRAMES=$((BENCH_CALLS + BENCH_CALLS / 5)) WARM=$((BENCH_CALLS / 5)) \
+    REDIS_PORT=$((REDIS_PORT + 1)) "$ROOT/simulator/bench/store.sh" current
 fi
 
 if [[ " $PARTS " == *" max "* || " $PARTS " == *" latency "* ]]; then
