@@ -6,8 +6,6 @@
 //! store script touching the stream and the device's dedup set stays in one Redis Cluster
 //! slot. Events and device state carry the pool's tag `{<pool>}`: one slot per pool.
 
-use std::io::Write as _;
-
 use trackgate_protocol::{AvlRecord, Imei, IoValue, gt06};
 
 // === readings ===
@@ -86,11 +84,9 @@ impl StoreCallArgs {
         self.ends.push(self.data.len());
     }
 
-    fn push_fmt(&mut self, value: std::fmt::Arguments<'_>) {
-        use std::io::Write as _;
-        // Writing to a Vec cannot fail.
-        let _ = self.data.write_fmt(value);
-        self.ends.push(self.data.len());
+    /// An integer in decimal (itoa: no `core::fmt` machinery on the per-record path).
+    fn push_int(&mut self, value: impl itoa::Integer) {
+        self.push(itoa::Buffer::new().format(value).as_bytes());
     }
 
     /// Number of arguments.
@@ -129,15 +125,15 @@ pub fn store_args(fixed: &StoreArgs<'_>, records: &[AvlRecord]) -> StoreCallArgs
         }
         sent.push(fp);
         args.push(&fp.to_be_bytes());
-        args.push_fmt(format_args!("{}", record.timestamp_ms));
+        args.push_int(record.timestamp_ms);
         push_degrees(&mut args, record.latitude);
         push_degrees(&mut args, record.longitude);
-        args.push_fmt(format_args!("{}", record.altitude));
-        args.push_fmt(format_args!("{}", record.angle));
-        args.push_fmt(format_args!("{}", record.satellites));
-        args.push_fmt(format_args!("{}", record.speed));
-        args.push_fmt(format_args!("{}", record.priority));
-        args.push_fmt(format_args!("{}", record.event_id));
+        args.push_int(record.altitude);
+        args.push_int(record.angle);
+        args.push_int(record.satellites);
+        args.push_int(record.speed);
+        args.push_int(record.priority);
+        args.push_int(record.event_id);
         write_io_json(record, &mut args.data);
         args.ends.push(args.data.len());
     }
@@ -171,18 +167,15 @@ pub fn gt06_store_args(fixed: &StoreArgs<'_>, locations: &[gt06::Location]) -> S
 
 fn fixed_args(fixed: &StoreArgs<'_>, records: usize) -> StoreCallArgs {
     let mut args = StoreCallArgs::with_capacity(records);
-    args.push_fmt(format_args!("{}", fixed.max_len));
-    args.push_fmt(format_args!(
-        "{}",
-        fixed.dedup_records.clamp(1, u32::from(u16::MAX))
-    ));
-    args.push_fmt(format_args!("{}", fixed.dedup_ttl_ms));
+    args.push_int(fixed.max_len);
+    args.push_int(fixed.dedup_records.clamp(1, u32::from(u16::MAX)));
+    args.push_int(fixed.dedup_ttl_ms);
     args.push(fixed.imei.as_bytes());
     args.push(fixed.codec.as_bytes());
-    args.push_fmt(format_args!("{}", fixed.port));
-    args.push_fmt(format_args!("{}", fixed.recv_ms));
+    args.push_int(fixed.port);
+    args.push_int(fixed.recv_ms);
     args.push(fixed.protocol.as_bytes());
-    args.push_fmt(format_args!("{LEGACY_DEDUP_GRACE_MS}"));
+    args.push_int(LEGACY_DEDUP_GRACE_MS);
     args
 }
 
@@ -236,16 +229,19 @@ pub fn fingerprint_member(fingerprint: u64) -> String {
 /// `-3.1000000`), so no float rounding ever changes a stored coordinate. `io` is
 /// [`io_json`]. (The listener adds `imei`, `codec`, `port` and `recv`.)
 pub fn record_values(record: &AvlRecord) -> [String; 10] {
+    fn int(value: impl itoa::Integer) -> String {
+        itoa::Buffer::new().format(value).to_owned()
+    }
     [
-        record.timestamp_ms.to_string(),
+        int(record.timestamp_ms),
         degrees(record.latitude),
         degrees(record.longitude),
-        record.altitude.to_string(),
-        record.angle.to_string(),
-        record.satellites.to_string(),
-        record.speed.to_string(),
-        record.priority.to_string(),
-        record.event_id.to_string(),
+        int(record.altitude),
+        int(record.angle),
+        int(record.satellites),
+        int(record.speed),
+        int(record.priority),
+        int(record.event_id),
         io_json(record),
     ]
 }
@@ -265,23 +261,27 @@ pub fn io_json(record: &AvlRecord) -> String {
 }
 
 fn write_io_json(record: &AvlRecord, out: &mut Vec<u8>) {
-    // Writing to a Vec cannot fail.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut int = itoa::Buffer::new();
     out.push(b'{');
     for (i, e) in record.io.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        let _ = write!(out, "\"{}\":", e.id);
+        out.push(b'"');
+        out.extend_from_slice(int.format(e.id).as_bytes());
+        out.extend_from_slice(b"\":");
         match &e.value {
             IoValue::Var(bytes) => {
                 out.push(b'"');
                 for b in bytes {
-                    let _ = write!(out, "{b:02x}");
+                    out.push(HEX[usize::from(b >> 4)]);
+                    out.push(HEX[usize::from(b & 0xf)]);
                 }
                 out.push(b'"');
             }
             fixed => {
-                let _ = write!(out, "{}", fixed.as_u64().unwrap_or_default());
+                out.extend_from_slice(int.format(fixed.as_u64().unwrap_or_default()).as_bytes());
             }
         }
     }
@@ -335,14 +335,16 @@ fn degrees(value: i32) -> String {
 }
 
 fn push_degrees(args: &mut StoreCallArgs, value: i32) {
-    let v = i64::from(value);
-    let sign = if v < 0 { "-" } else { "" };
-    let abs = v.unsigned_abs();
-    args.push_fmt(format_args!(
-        "{sign}{}.{:07}",
-        abs / 10_000_000,
-        abs % 10_000_000
-    ));
+    let abs = i64::from(value).unsigned_abs();
+    if value < 0 {
+        args.data.push(b'-');
+    }
+    args.data
+        .extend_from_slice(itoa::Buffer::new().format(abs / 10_000_000).as_bytes());
+    args.data.push(b'.');
+    // Seven digits, zero-padded: 10^7 + the fraction, less its leading 1.
+    let mut fraction = itoa::Buffer::new();
+    args.push(&fraction.format(10_000_000 + abs % 10_000_000).as_bytes()[1..]);
 }
 
 /// FNV-1a, 64-bit: tiny, fast on short inputs, and stable across processes and versions.

@@ -72,9 +72,9 @@ pub struct ListenerOptions {
     pub max_inflight_bytes: usize,
     /// Dedup window: how many of each device's newest records are remembered. A device sends
     /// one frame and waits for its ack, so a stored-but-unacked record is always among its
-    /// newest. 128 keeps the per-device set a compact listpack in Redis (~4.2 KB per device).
+    /// newest. Each costs Redis 8 bytes per device (~1.1 KB per device at 128); at most 65,535.
     pub dedup_records: u32,
-    /// A device's dedup set expires this long after its last stored record.
+    /// A device's dedup window expires this long after its last stored record.
     pub dedup_ttl: Duration,
     /// `/livez` fails when an accept loop, the publisher or the runtime is silent this long.
     pub liveness_max_silence: Duration,
