@@ -11,7 +11,6 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
-use trackgate_api::redis_layout;
 use trackgate_protocol::gt06::{Gt06EncodeError, Gt06Error, UtcOffset};
 use trackgate_protocol::{
     AvlPacket, AvlRecord, Codec, EncodeError, FrameDecoder, FrameError, Imei, Limits, encode_avl,
@@ -23,10 +22,10 @@ use crate::commands::{Head, answer_commands, head};
 /// How long four zero bytes wait for the rest of a frame before they count as an ack of 0.
 const ZERO_ACK_WAIT: Duration = Duration::from_millis(50);
 
-use crate::stats::{AckedRecord, Stats, record_key};
+use crate::stats::{AckedRecord, Stats, teltonika_entry_key};
 use crate::track::Track;
 
-mod gt06;
+pub(crate) mod gt06;
 
 /// The protocol a device speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -178,6 +177,9 @@ pub struct Pending {
     pub packet: AvlPacket,
     /// The encoded TCP frame, resent byte for byte.
     pub frame: Bytes,
+    /// The entry key of each record ([`crate::AckedRecord::key`]), computed by the protocol
+    /// that encoded them, since each stores other fields.
+    pub keys: Vec<u64>,
     /// Wrong acks received for it on the current link.
     pub wrong_acks: u32,
     /// Whether it has been written at least once (so the next write is a resend).
@@ -253,6 +255,7 @@ impl Device {
         let count = u64::from(self.settings.records_per_frame.max(1)).min(self.records_left);
         let codec = self.settings.codec;
         let records: Vec<AvlRecord> = (0..count).map(|_| self.track.next_record(codec)).collect();
+        let keys = records.iter().map(teltonika_entry_key).collect();
         let packet = AvlPacket { codec, records };
         let mut buf = BytesMut::new();
         encode_avl(&packet, &mut buf)?;
@@ -267,6 +270,7 @@ impl Device {
         Ok(self.pending.insert(Pending {
             packet,
             frame: buf.freeze(),
+            keys,
             wrong_acks: 0,
             sent: false,
         }))
@@ -281,13 +285,13 @@ impl Device {
         stats.on_acked(n);
         if self.settings.keep_acked {
             let acked_at = stats.since_start();
-            self.acked
-                .extend(pending.packet.records.iter().map(|r| AckedRecord {
-                    imei: self.imei_number,
-                    ts_ms: r.timestamp_ms,
-                    key: record_key(redis_layout::record_values(r).iter().map(String::as_str)),
-                    acked_at,
-                }));
+            let records = pending.packet.records.iter().zip(&pending.keys);
+            self.acked.extend(records.map(|(r, &key)| AckedRecord {
+                imei: self.imei_number,
+                ts_ms: r.timestamp_ms,
+                key,
+                acked_at,
+            }));
         }
     }
 

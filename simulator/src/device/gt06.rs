@@ -18,7 +18,7 @@ use trackgate_protocol::gt06::{
 use trackgate_protocol::{AvlPacket, AvlRecord, Codec};
 
 use super::{Device, Pending, SessionError};
-use crate::stats::Stats;
+use crate::stats::{Stats, gt06_entry_key};
 
 /// The location type the simulator sends: GPS, LBS and the ACC/upload-mode/re-upload bytes.
 const LOCATION: u8 = 0x22;
@@ -36,7 +36,7 @@ const CELL: Lbs = Lbs {
 /// A track record as a GT06 location, and the record as a GT06 listener will read it back
 /// (second resolution, coordinates in 1/1,800,000°, speed and satellites capped by their
 /// fields): the acked log must hold what the server can store.
-pub(super) fn location_from(rec: &AvlRecord) -> (Location, AvlRecord) {
+pub(crate) fn location_from(rec: &AvlRecord) -> (Location, AvlRecord) {
     let units = |e7: i32| (u64::from(e7.unsigned_abs()) * 9 + 25) / 50;
     // |lat| <= 90° and |lon| <= 180° in the track, so both fit their u32 fields.
     let latitude = u32::try_from(units(rec.latitude)).unwrap_or(90 * UNITS_PER_DEGREE);
@@ -82,6 +82,7 @@ impl Device {
     fn next_gt06_packet(&mut self, serial: u16, offset: UtcOffset) -> Result<(), SessionError> {
         let rec = self.track.next_record(Codec::Codec8);
         let (loc, stored) = location_from(&rec);
+        let keys = vec![gt06_entry_key(&loc)];
         let mut frame = BytesMut::new();
         gt06::encode_packet(&Packet::Location(loc), serial, offset, &mut frame)?;
         self.records_left = self.records_left.saturating_sub(1);
@@ -96,6 +97,7 @@ impl Device {
                 records: vec![stored],
             },
             frame: frame.freeze(),
+            keys,
             wrong_acks: 0,
             sent: false,
         });
