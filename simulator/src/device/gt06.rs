@@ -1,11 +1,14 @@
 //! The session a GT06 device runs: login (`0x01`) and wait for its echo, then one `0x22`
-//! location per frame, each resent until the server echoes its serial number, and a `0x13`
-//! heartbeat when idle. Every packet is built with `trackgate_protocol::gt06`'s encoders.
+//! location per frame, each followed by a `0x13` heartbeat, and a heartbeat alone when idle.
+//! Every packet is built with `trackgate_protocol::gt06`'s encoders.
 //!
 //! GT06 has no login refusal: a server that refuses a device closes the connection, which
-//! shows as [`SessionError::Closed`]. The Concox documents make the location echo optional; the
-//! simulator waits for it because a store-then-ack server sends it only once the location is
-//! stored, which is what the simulator exists to check.
+//! shows as [`SessionError::Closed`]. Locations have no acknowledgement in the Concox documents
+//! (trackgate sends none; traccar echoes them anyway), but heartbeats do, and a store-then-ack
+//! server answers a connection's packets in order: the echo of the heartbeat sent after a
+//! location says the location was stored. The device counts a location acked on that echo, or
+//! on the location's own echo from a server that sends one, and resends it on the next link
+//! otherwise.
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -180,7 +183,12 @@ impl Device {
             // The serial sits 6 bytes from the end (serial, CRC, stop bits).
             let at = pending.frame.len() - 6;
             let want = u16::from_be_bytes([pending.frame[at], pending.frame[at + 1]]);
-            wr.write_all(&pending.frame).await?;
+            serial = serial.wrapping_add(1);
+            let barrier = serial;
+            out.clear();
+            out.extend_from_slice(&pending.frame);
+            gt06::encode_packet(&heartbeat(), barrier, offset, &mut out)?;
+            wr.write_all(&out).await?;
             let sent_at = Instant::now();
             last_write = sent_at;
             stats.on_frame_sent();
@@ -191,8 +199,11 @@ impl Device {
                     Ok(reply) => reply?,
                 };
                 match reply {
-                    (HEARTBEAT, _) => continue,
-                    (LOCATION, s) => break s == want,
+                    (HEARTBEAT, s) if s == barrier => break true,
+                    (LOCATION, s) if s == want => break true,
+                    // Late echoes of earlier packets (an idle heartbeat, a barrier whose
+                    // location was already echoed).
+                    (HEARTBEAT, _) | (LOCATION, _) => continue,
                     _ => break false,
                 }
             };
@@ -340,8 +351,9 @@ mod tests {
         assert_eq!(login.imei.as_str(), "864717003283581");
         let locations: Vec<_> = packets[1..]
             .iter()
-            .map(|p| match p {
-                Packet::Location(l) => l.clone(),
+            .filter_map(|p| match p {
+                Packet::Location(l) => Some(l.clone()),
+                Packet::Heartbeat(_) => None,
                 other => panic!("{other:?}"),
             })
             .collect();
@@ -365,6 +377,7 @@ mod tests {
             let login = peer.frame().await.unwrap();
             peer.send(&reply_to(&login).unwrap()).await;
             let loc = peer.frame().await.unwrap();
+            assert_eq!(peer.frame().await.unwrap().protocol, HEARTBEAT);
             assert!(
                 peer.frame().await.is_none(),
                 "the device closes after the timeout"
@@ -391,6 +404,32 @@ mod tests {
             "the same bytes, serial included"
         );
         assert_eq!(stats.report_counts().resends, 1);
+    }
+
+    /// A server that, like trackgate's listener, echoes heartbeats but not locations: the
+    /// heartbeat sent behind each location is its ack, since the server answers in order.
+    #[tokio::test]
+    async fn heartbeat_echo_behind_a_location_acks_it() {
+        let stats = Stats::new();
+        let stop = CancellationToken::new();
+        let (client, server) = tokio::io::duplex(4096);
+        let mut dev = device(3, false);
+        let server = tokio::spawn(async move {
+            let mut peer = Peer::new(server);
+            let mut locations = 0;
+            while let Some(f) = peer.frame().await {
+                if let Some(r) = reply_to(&f) {
+                    peer.send(&r).await;
+                }
+                locations += usize::from(f.protocol == LOCATION);
+            }
+            locations
+        });
+        dev.run_session(client, &stats, &stop).await.unwrap();
+        assert_eq!(dev.acked.len(), 3);
+        drop(dev);
+        assert_eq!(server.await.unwrap(), 3, "each location sent once");
+        assert_eq!(stats.report_counts().resends, 0);
     }
 
     #[tokio::test]
