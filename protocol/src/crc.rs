@@ -7,23 +7,32 @@ const SLICES: usize = 16;
 /// CRC of a byte followed by `k` zero bytes. Built at compile time (8 KiB, fits L1).
 static TABLES: [[u16; 256]; SLICES] = build_tables();
 
-const fn build_tables() -> [[u16; 256]; SLICES] {
-    let mut tables = [[0u16; 256]; SLICES];
+/// The byte table of a reflected CRC-16 with polynomial `poly` (given reflected): entry `i` is
+/// the CRC register after shifting byte `i` through it. Shared by CRC-16/IBM here and GT06's
+/// CRC-16/X-25 (`gt06::crc_itu`), which differ only in polynomial, init and final xor.
+pub(crate) const fn reflected_table(poly: u16) -> [u16; 256] {
+    let mut t = [0u16; 256];
     let mut i = 0;
     while i < 256 {
         let mut crc = i as u16;
         let mut bit = 0;
         while bit < 8 {
             crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xA001
+                (crc >> 1) ^ poly
             } else {
                 crc >> 1
             };
             bit += 1;
         }
-        tables[0][i] = crc;
+        t[i] = crc;
         i += 1;
     }
+    t
+}
+
+const fn build_tables() -> [[u16; 256]; SLICES] {
+    let mut tables = [[0u16; 256]; SLICES];
+    tables[0] = reflected_table(0xA001);
     let mut k = 1;
     while k < SLICES {
         let mut i = 0;
