@@ -186,6 +186,30 @@ pub struct Pending {
     pub sent: bool,
 }
 
+impl Pending {
+    /// Notes a write of it, counting the resend when it went out before.
+    pub(crate) fn mark_sent(&mut self, stats: &Stats) {
+        if self.sent {
+            stats.on_resend();
+        }
+        self.sent = true;
+    }
+}
+
+/// Why a device's idle wait ended ([`Device::wait_for_frame`]).
+pub(crate) enum Wake<T> {
+    /// Nothing left to send: the session is done.
+    Finished,
+    /// The run was stopped; look again.
+    Stopped,
+    /// Silent for the keep-alive interval: send the protocol's keep-alive.
+    KeepAlive,
+    /// The next frame is due: build it.
+    FrameDue,
+    /// The server wrote something.
+    Read(T),
+}
+
 /// One simulated device.
 #[derive(Debug)]
 pub struct Device {
@@ -295,6 +319,55 @@ impl Device {
         }
     }
 
+    /// Waits, with nothing pending, for what comes first: the stop, the keep-alive time
+    /// (`last_write` + the interval), the next frame's time, or `read` (the protocol's read of
+    /// server bytes, dropped unfinished otherwise, so it must be cancel-safe).
+    pub(crate) async fn wait_for_frame<T>(
+        &self,
+        stop: &CancellationToken,
+        last_write: Instant,
+        read: impl std::future::Future<Output = T>,
+    ) -> Wake<T> {
+        if self.is_finished(stop) {
+            return Wake::Finished;
+        }
+        let keepalive_at = last_write + self.settings.keepalive_interval;
+        let frame_at = self.next_frame_at();
+        tokio::select! {
+            _ = stop.cancelled(), if !stop.is_cancelled() => Wake::Stopped,
+            _ = sleep_until(keepalive_at) => Wake::KeepAlive,
+            _ = sleep_until(frame_at.unwrap_or(keepalive_at)), if frame_at.is_some() => Wake::FrameDue,
+            got = read => Wake::Read(got),
+        }
+    }
+
+    /// Settles the pending packet on the server's answer, `acked` or not: an ack logs it; a
+    /// wrong answer is counted, and the streak ends the link with `give_up`'s error once it
+    /// reaches `max_wrong_acks` (the packet stays pending for the next link).
+    pub(crate) fn settle(
+        &mut self,
+        acked: bool,
+        sent_at: Instant,
+        stats: &Stats,
+        give_up: impl FnOnce() -> SessionError,
+    ) -> Result<(), SessionError> {
+        if acked {
+            stats.on_latency(sent_at.elapsed());
+            self.ack_pending(stats);
+            return Ok(());
+        }
+        stats.on_wrong_ack();
+        let max = self.settings.max_wrong_acks;
+        if let Some(pending) = self.pending.as_mut() {
+            pending.wrong_acks += 1;
+            if pending.wrong_acks >= max {
+                pending.wrong_acks = 0;
+                return Err(give_up());
+            }
+        }
+        Ok(())
+    }
+
     // === Session ===
 
     /// Runs one TCP session on `io`: login, then frames until the device is finished (returns
@@ -341,22 +414,21 @@ impl Device {
         loop {
             // Wait for the next frame to be due, pinging when idle and noticing a close.
             while self.pending.is_none() {
-                if self.is_finished(stop) {
-                    return Ok(());
-                }
-                let keepalive_at = last_write + self.settings.keepalive_interval;
-                let frame_at = self.next_frame_at();
-                tokio::select! {
-                    _ = stop.cancelled(), if !stop.is_cancelled() => {}
-                    _ = sleep_until(keepalive_at) => {
+                match self
+                    .wait_for_frame(stop, last_write, rd.read_buf(&mut inbox))
+                    .await
+                {
+                    Wake::Finished => return Ok(()),
+                    Wake::Stopped => {}
+                    Wake::KeepAlive => {
                         wr.write_all(&[0xFF]).await?;
                         last_write = Instant::now();
                         stats.on_keepalive();
                     }
-                    _ = sleep_until(frame_at.unwrap_or(keepalive_at)), if frame_at.is_some() => {
+                    Wake::FrameDue => {
                         self.next_packet()?;
                     }
-                    read = rd.read_buf(&mut inbox) => {
+                    Wake::Read(read) => {
                         if read? == 0 {
                             return Err(SessionError::Closed);
                         }
@@ -373,10 +445,7 @@ impl Device {
             let Some(pending) = self.pending.as_mut() else {
                 continue;
             };
-            if pending.sent {
-                stats.on_resend();
-            }
-            pending.sent = true;
+            pending.mark_sent(stats);
             let expected = pending.packet.records.len() as u32;
             wr.write_all(&pending.frame).await?;
             let sent_at = Instant::now();
@@ -409,18 +478,11 @@ impl Device {
             }
             let ack = inbox.split_to(4);
             let got = u32::from_be_bytes([ack[0], ack[1], ack[2], ack[3]]);
-            if got == expected {
-                stats.on_latency(sent_at.elapsed());
-                self.ack_pending(stats);
-            } else {
-                stats.on_wrong_ack();
-                pending.wrong_acks += 1;
-                if pending.wrong_acks >= self.settings.max_wrong_acks {
-                    pending.wrong_acks = 0;
-                    return Err(SessionError::WrongAck { got, expected });
-                }
-                // Loop: the same packet goes out again, as the device does on a mismatch.
-            }
+            // On a wrong count the loop sends the same packet again, as the device does.
+            self.settle(got == expected, sent_at, stats, || SessionError::WrongAck {
+                got,
+                expected,
+            })?;
         }
     }
 }

@@ -128,6 +128,7 @@ pub fn require_tool(tool: &str) -> Option<PathBuf> {
 
 mod cluster;
 pub use cluster::{ClusterNode, RedisCluster};
+pub mod gt06;
 
 /// A `redis-server` (or `valkey-server`) child process on 127.0.0.1, killed on drop. By
 /// default persistence is off.
@@ -357,6 +358,23 @@ pub fn trackgate_binary() -> PathBuf {
         }
     }
     bin
+}
+
+/// A clean simulator run: the devices got `records` records acked with no error, and the
+/// verifier found each of them exactly once. `label` names the case in the failure message.
+///
+/// # Panics
+/// When any of that does not hold (the report and the verification are in the message).
+pub fn assert_every_record_stored_once(
+    label: &str,
+    records: u64,
+    outcome: &trackgate_simulator::LoadOutcome,
+    v: &trackgate_simulator::Verification,
+) {
+    let report = &outcome.report;
+    assert_eq!(report.counts.records_acked, records, "{label}\n{report}");
+    assert_eq!(report.error_count(), 0, "{label}\n{report}");
+    assert!(v.is_ok() && v.found == records, "{label}: {v}");
 }
 
 /// Every entry of the stream `key` on the Redis at `url`, oldest first, as field → value.

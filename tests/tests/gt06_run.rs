@@ -18,7 +18,10 @@ use trackgate_simulator::{
     DeviceSettings, LoadConfig, LoadOutcome, Protocol, StreamLayout, Target, Verification, run,
     targets_from_shard, verify,
 };
-use trackgate_tests::{PoolRun, RedisServer, free_port_range, stream_entries};
+use trackgate_tests::gt06::{IMEI, LOCATION, LOGIN, heartbeat, hex};
+use trackgate_tests::{
+    PoolRun, RedisServer, assert_every_record_stored_once, free_port_range, stream_entries,
+};
 
 const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const PARTITIONS: u32 = 4;
@@ -105,18 +108,7 @@ async fn run_and_verify(config: LoadConfig, layout: &StreamLayout) -> (LoadOutco
 }
 
 fn assert_all_stored_once(label: &str, records: u64, outcome: &LoadOutcome, v: &Verification) {
-    assert_eq!(
-        outcome.report.counts.records_acked, records,
-        "{label}\n{}",
-        outcome.report
-    );
-    assert_eq!(
-        outcome.report.error_count(),
-        0,
-        "{label}\n{}",
-        outcome.report
-    );
-    assert!(v.is_ok() && v.found == records, "{label}: {v}");
+    assert_every_record_stored_once(label, records, outcome, v);
     assert_eq!(v.stored_unacked, 0, "{label}: {v}");
 }
 
@@ -179,21 +171,8 @@ async fn teltonika_and_gt06_pools_in_one_trackgate_run() {
     assert_all_stored_once("gt06", 45, &gt_outcome, &gt_v);
 }
 
-/// PROTOCOL.md §4's login (serial 9) and traccar's `0x12` vector 97 of the same device, whose
-/// clock reads 2015-08-27 18:29:55.
-const LOGIN: &str = "78780D01086471700328358100093F040D0A";
-const LOCATION: &str =
-    "787823120F081B121D37CB01C8E2CC08AFD3C020D50201940701D600A1190041EE100576D1470D0A";
-const IMEI: &str = "864717003283581";
-/// 2015-08-27 18:29:55 UTC, in ms since the epoch.
+/// [`LOCATION`]'s clock reading, 2015-08-27 18:29:55, taken as UTC: ms since the epoch.
 const CLOCK_AS_UTC_MS: u64 = 1_440_700_195_000;
-
-fn hex(s: &str) -> Vec<u8> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
-}
 
 /// The same location, sent to three GT06 pools of one `trackgate run` whose devices' clocks are
 /// UTC, UTC+8 and UTC-5: the stored `ts` is the clock reading minus the pool's offset, to the
@@ -234,18 +213,7 @@ async fn utc_offset_minutes_shifts_the_stored_ts() {
         assert_eq!(echo, gt06::reply(0x01, 9), "{pool}");
         // A heartbeat behind the location: its echo comes once the location is stored.
         device.write_all(&hex(LOCATION)).await.unwrap();
-        let mut heartbeat = bytes::BytesMut::new();
-        gt06::encode_frame(
-            &gt06::Frame {
-                extended: false,
-                protocol: 0x13,
-                content: bytes::Bytes::from_static(&[0x44, 0x06, 0x04, 0x00, 0x02]),
-                serial: 7,
-            },
-            &mut heartbeat,
-        )
-        .unwrap();
-        device.write_all(&heartbeat).await.unwrap();
+        device.write_all(&heartbeat(7)).await.unwrap();
         tokio::time::timeout(Duration::from_secs(5), device.read_exact(&mut echo))
             .await
             .expect("heartbeat echo in time")

@@ -12,7 +12,7 @@
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 use trackgate_protocol::gt06::{
     self, FrameDecoder, Gps, Heartbeat, Lbs, Location, Login, Packet, Status, UNITS_PER_DEGREE,
@@ -20,7 +20,7 @@ use trackgate_protocol::gt06::{
 };
 use trackgate_protocol::{AvlPacket, AvlRecord, Codec};
 
-use super::{Device, Pending, SessionError};
+use super::{Device, Pending, SessionError, Wake};
 use crate::stats::{Stats, gt06_entry_key};
 
 /// The location type the simulator sends: GPS, LBS and the ACC/upload-mode/re-upload bytes.
@@ -145,14 +145,13 @@ impl Device {
 
         loop {
             while self.pending.is_none() {
-                if self.is_finished(stop) {
-                    return Ok(());
-                }
-                let keepalive_at = last_write + self.settings.keepalive_interval;
-                let frame_at = self.next_frame_at();
-                tokio::select! {
-                    _ = stop.cancelled(), if !stop.is_cancelled() => {}
-                    _ = sleep_until(keepalive_at) => {
+                match self
+                    .wait_for_frame(stop, last_write, replies.next(&mut rd))
+                    .await
+                {
+                    Wake::Finished => return Ok(()),
+                    Wake::Stopped => {}
+                    Wake::KeepAlive => {
                         serial = serial.wrapping_add(1);
                         out.clear();
                         gt06::encode_packet(&heartbeat(), serial, offset, &mut out)?;
@@ -160,12 +159,12 @@ impl Device {
                         last_write = Instant::now();
                         stats.on_keepalive();
                     }
-                    _ = sleep_until(frame_at.unwrap_or(keepalive_at)), if frame_at.is_some() => {
+                    Wake::FrameDue => {
                         serial = serial.wrapping_add(1);
                         self.next_gt06_packet(serial, offset)?;
                     }
-                    reply = replies.next(&mut rd) => {
-                        // Heartbeat echoes (and anything unsolicited) while idle.
+                    // Heartbeat echoes (and anything unsolicited) while idle.
+                    Wake::Read(reply) => {
                         if reply?.0 != HEARTBEAT {
                             stats.on_unsolicited(1);
                         }
@@ -176,10 +175,7 @@ impl Device {
             let Some(pending) = self.pending.as_mut() else {
                 continue;
             };
-            if pending.sent {
-                stats.on_resend();
-            }
-            pending.sent = true;
+            pending.mark_sent(stats);
             // The serial sits 6 bytes from the end (serial, CRC, stop bits).
             let at = pending.frame.len() - 6;
             let want = u16::from_be_bytes([pending.frame[at], pending.frame[at + 1]]);
@@ -207,17 +203,9 @@ impl Device {
                     _ => break false,
                 }
             };
-            if echoed {
-                stats.on_latency(sent_at.elapsed());
-                self.ack_pending(stats);
-            } else {
-                stats.on_wrong_ack();
-                pending.wrong_acks += 1;
-                if pending.wrong_acks >= self.settings.max_wrong_acks {
-                    pending.wrong_acks = 0;
-                    return Err(SessionError::WrongEcho { expected: want });
-                }
-            }
+            self.settle(echoed, sent_at, stats, || SessionError::WrongEcho {
+                expected: want,
+            })?;
         }
     }
 }
@@ -264,7 +252,7 @@ mod tests {
     use std::time::Duration;
 
     use tokio::io::DuplexStream;
-    use trackgate_protocol::gt06::{Frame, reply, reply_to};
+    use trackgate_protocol::gt06::{Frame, REPLY_LEN, reply, reply_to};
     use trackgate_protocol::{Imei, Limits};
 
     use super::*;
@@ -323,6 +311,24 @@ mod tests {
         async fn send(&mut self, bytes: &[u8]) {
             self.io.write_all(bytes).await.unwrap();
         }
+
+        /// Answers each frame with what `answer` gives until the device closes; returns the
+        /// frames.
+        async fn serve(mut self, answer: fn(&Frame) -> Option<[u8; REPLY_LEN]>) -> Vec<Frame> {
+            let mut frames = Vec::new();
+            while let Some(f) = self.frame().await {
+                if let Some(r) = answer(&f) {
+                    self.send(&r).await;
+                }
+                frames.push(f);
+            }
+            frames
+        }
+    }
+
+    /// A traccar-like server: every frame echoed, locations included.
+    fn echo_all(f: &Frame) -> Option<[u8; REPLY_LEN]> {
+        Some(reply(f.protocol, f.serial))
     }
 
     #[tokio::test]
@@ -331,20 +337,16 @@ mod tests {
         let stop = CancellationToken::new();
         let (client, server) = tokio::io::duplex(4096);
         let mut dev = device(3, false);
-        let server = tokio::spawn(async move {
-            let mut peer = Peer::new(server);
-            let mut packets = Vec::new();
-            while let Some(f) = peer.frame().await {
-                packets.push(Packet::decode(&f, UtcOffset::UTC).unwrap());
-                // A store-then-ack server: every frame is echoed, locations included.
-                peer.send(&reply(f.protocol, f.serial)).await;
-            }
-            packets
-        });
+        let server = tokio::spawn(Peer::new(server).serve(echo_all));
         dev.run_session(client, &stats, &stop).await.unwrap();
         let acked = std::mem::take(&mut dev.acked);
         drop(dev);
-        let packets = server.await.unwrap();
+        let packets: Vec<_> = server
+            .await
+            .unwrap()
+            .iter()
+            .map(|f| Packet::decode(f, UtcOffset::UTC).unwrap())
+            .collect();
         let Packet::Login(login) = &packets[0] else {
             panic!("{:?}", packets[0])
         };
@@ -414,21 +416,13 @@ mod tests {
         let stop = CancellationToken::new();
         let (client, server) = tokio::io::duplex(4096);
         let mut dev = device(3, false);
-        let server = tokio::spawn(async move {
-            let mut peer = Peer::new(server);
-            let mut locations = 0;
-            while let Some(f) = peer.frame().await {
-                if let Some(r) = reply_to(&f) {
-                    peer.send(&r).await;
-                }
-                locations += usize::from(f.protocol == LOCATION);
-            }
-            locations
-        });
+        let server = tokio::spawn(Peer::new(server).serve(reply_to));
         dev.run_session(client, &stats, &stop).await.unwrap();
         assert_eq!(dev.acked.len(), 3);
         drop(dev);
-        assert_eq!(server.await.unwrap(), 3, "each location sent once");
+        let frames = server.await.unwrap();
+        let locations = frames.iter().filter(|f| f.protocol == LOCATION).count();
+        assert_eq!(locations, 3, "each location sent once");
         assert_eq!(stats.report_counts().resends, 0);
     }
 
@@ -438,21 +432,7 @@ mod tests {
         let stop = CancellationToken::new();
         let (client, server) = tokio::io::duplex(4096);
         let mut dev = device(u64::MAX, true);
-        let server = tokio::spawn(async move {
-            let mut peer = Peer::new(server);
-            let mut heartbeats = 0;
-            while let Some(f) = peer.frame().await {
-                if f.protocol == HEARTBEAT {
-                    assert!(matches!(
-                        Packet::decode(&f, UtcOffset::UTC).unwrap(),
-                        Packet::Heartbeat(_)
-                    ));
-                    heartbeats += 1;
-                }
-                peer.send(&reply(f.protocol, f.serial)).await;
-            }
-            heartbeats
-        });
+        let server = tokio::spawn(Peer::new(server).serve(echo_all));
         let stopper = stop.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(150)).await;
@@ -460,7 +440,13 @@ mod tests {
         });
         dev.run_session(client, &stats, &stop).await.unwrap();
         drop(dev);
-        let n = server.await.unwrap();
+        let frames = server.await.unwrap();
+        // After the login, nothing but heartbeats.
+        for f in &frames[1..] {
+            let packet = Packet::decode(f, UtcOffset::UTC).unwrap();
+            assert!(matches!(packet, Packet::Heartbeat(_)), "{packet:?}");
+        }
+        let n = frames.len() - 1;
         assert!((3..=10).contains(&n), "{n} heartbeats in 150 ms");
     }
 
