@@ -75,23 +75,30 @@ pub fn crc16_ibm(data: &[u8]) -> u16 {
     crc
 }
 
+/// The bit-at-a-time form of a reflected CRC-16 (`poly` reflected, register starting at
+/// `init`, no final xor): the reference the table-driven CRCs are tested against.
+#[cfg(test)]
+pub(crate) fn bitwise_reflected(poly: u16, init: u16, data: &[u8]) -> u16 {
+    let mut crc = init;
+    for &b in data {
+        crc ^= u16::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ poly
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    crc
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn bitwise(data: &[u8]) -> u16 {
-        let mut crc = 0u16;
-        for &b in data {
-            crc ^= u16::from(b);
-            for _ in 0..8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ 0xA001
-                } else {
-                    crc >> 1
-                };
-            }
-        }
-        crc
+        bitwise_reflected(0xA001, 0, data)
     }
 
     #[test]

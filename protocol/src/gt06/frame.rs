@@ -240,19 +240,9 @@ mod tests {
     /// PROTOCOL.md §4's login (IMEI 864717003283581, serial 9, CRC 0x3F04).
     const LOGIN: &str = "78780D01086471700328358100093F040D0A";
 
+    /// CRC-16/X-25 bit by bit: init 0xFFFF, final xor 0xFFFF.
     fn bitwise(data: &[u8]) -> u16 {
-        let mut crc = 0xFFFF_u16;
-        for &b in data {
-            crc ^= u16::from(b);
-            for _ in 0..8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ 0x8408
-                } else {
-                    crc >> 1
-                };
-            }
-        }
-        !crc
+        !crate::crc::bitwise_reflected(0x8408, 0xFFFF, data)
     }
 
     #[test]
