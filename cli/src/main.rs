@@ -50,8 +50,9 @@ enum Role {
     /// Send a command to a device of a pool through Redis and wait for its answer (printed);
     /// exit 1 when it fails or expires.
     Command(Box<command::CommandArgs>),
-    /// Run a whole TrackerPortPool on this machine, no cluster: allocate its ports as the
-    /// operator would, write the shard configs to a state directory and serve every shard.
+    /// Run whole TrackerPortPools (one file each) on this machine, no cluster: allocate their
+    /// ports as the operator would, write the shard configs to a state directory and serve
+    /// every shard in one process.
     Run(run::RunArgs),
 }
 

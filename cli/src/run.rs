@@ -1,4 +1,5 @@
-//! `trackgate run <pool.yaml>`: a whole `TrackerPortPool` in one process, no cluster.
+//! `trackgate run <pool.yaml>...`: whole `TrackerPortPool`s in one process, no cluster (one
+//! file per pool: a Teltonika pool and a GT06 pool can share the process).
 //!
 //! The same pure functions as the operator decide the allocation (`plan_local`), and the shard
 //! configs and allocation tables are written to a state directory just as the operator writes
@@ -23,8 +24,9 @@ use trackgate_operator::{desired, shared};
 /// Arguments of `trackgate run`.
 #[derive(clap::Args)]
 pub struct RunArgs {
-    /// A YAML file holding one TrackerPortPool, and the ConfigMaps its `devicesFrom` names.
-    pool: PathBuf,
+    /// YAML files, each holding one TrackerPortPool and the ConfigMaps its `devicesFrom` names.
+    #[arg(required = true)]
+    pools: Vec<PathBuf>,
     /// Where shard configs and allocation tables are kept across restarts.
     #[arg(long, default_value = ".trackgate")]
     state_dir: PathBuf,
@@ -36,28 +38,39 @@ pub struct RunArgs {
     admin_addr: SocketAddr,
 }
 
-/// Plans the pool, writes its shard files, and serves them until SIGTERM or Ctrl-C.
+/// Plans the pools, writes their shard files, and serves them until SIGTERM or Ctrl-C.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     trackgate_telemetry::init_logging(trackgate_telemetry::LogFormat::from_env());
-    let plan = plan(&args.pool, &args.state_dir)?;
-    let sources = plan
-        .shard_files
-        .into_iter()
-        .map(ShardSource::File)
+    let mut plans = Vec::new();
+    for file in &args.pools {
+        let plan = plan(file, &args.state_dir)?;
+        // NB: a pool's name is its state directory and its Redis keys: two files of one name
+        // would overwrite each other's allocation.
+        if plans
+            .iter()
+            .any(|(_, p): &(PathBuf, Plan)| p.name == plan.name)
+        {
+            bail!("{}: pool {} is named twice", file.display(), plan.name);
+        }
+        plans.push((file.clone(), plan));
+    }
+    let sources = plans
+        .iter()
+        .flat_map(|(_, plan)| plan.shard_files.iter().cloned().map(ShardSource::File))
         .collect();
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
-        tokio::spawn(watch_pool(
-            args.pool.clone(),
-            args.state_dir.clone(),
-            plan.text,
-        ));
+        for (file, plan) in plans {
+            tokio::spawn(watch_pool(file, args.state_dir.clone(), plan.text));
+        }
         trackgate_listener::serve(sources, args.admin_addr, Some(args.bind)).await
     })?;
     Ok(())
 }
 
 struct Plan {
+    /// The pool's name.
+    name: String,
     /// The pool file's text this plan was made from.
     text: String,
     shard_files: Vec<PathBuf>,
@@ -119,7 +132,11 @@ fn plan(pool_file: &Path, state_dir: &Path) -> anyhow::Result<Plan> {
     for (imei, why) in &allocation.unallocated {
         eprintln!("  unallocated {imei}: {}", why.reason());
     }
-    Ok(Plan { text, shard_files })
+    Ok(Plan {
+        name,
+        text,
+        shard_files,
+    })
 }
 
 /// Writes a shared pool's files as its pod would see them mounted: `shard-0/shard.json`, the
@@ -155,6 +172,7 @@ fn plan_shared<'a>(
         dir.display(),
     );
     Ok(Plan {
+        name: name.to_owned(),
         text,
         shard_files: vec![file],
     })

@@ -1,13 +1,18 @@
 //! One device connection: login → frames → publish → ack.
 //!
-//! Generic over the byte stream, so a unit test can drive it through `tokio::io::duplex`.
+//! Generic over the byte stream, so a unit test can drive it through `tokio::io::duplex`, and
+//! over the protocol ([`protocol::DeviceProtocol`]: Teltonika in `teltonika.rs`, GT06 in
+//! `gt06.rs`), which only reads bytes and says what to store and answer.
 //! The ack (record count) is written only after the sink reports every record of the frame
 //! stored; a frame Redis would not take within the retry bound closes the connection without
 //! an ack, and the device resends it on its next connection.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+
+use futures::future::Either;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -15,10 +20,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Span, debug, field, info, instrument, warn};
-use trackgate_protocol::{
-    AvlPacket, Command, Frame, FrameDecoder, FrameError, Imei, Limits, LoginDecoder, encode_ack,
-    login_reply,
-};
+use trackgate_protocol::{Command, Imei, Limits};
 
 use trackgate_api::Protocol;
 
@@ -29,6 +31,12 @@ use crate::metrics::Metrics;
 use crate::sink::{Event, ShardKeys, Sink, StoreCall, now_ms};
 
 mod gt06;
+mod protocol;
+mod teltonika;
+
+use gt06::Gt06;
+use protocol::{DeviceProtocol, Malformed, Records, Reply, Step};
+use teltonika::Teltonika;
 
 /// First retry delay after a failed publish; doubles up to [`MAX_RETRY_DELAY`].
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(50);
@@ -129,64 +137,90 @@ struct Session<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    async fn drive(&mut self, limits: SessionLimits) -> CloseReason {
+    /// The session's protocol and its run: login, then frames.
+    // NB: a plain fn returning either future, rather than an async fn awaiting one, so that no
+    // extra state machine wraps the Teltonika one; the GT06 one is boxed so that it does not
+    // grow every Teltonika session.
+    fn drive(&mut self, limits: SessionLimits) -> impl Future<Output = CloseReason> + '_ {
         let gt06 = {
             let view = self.view.borrow();
-            (view.config.protocol == Protocol::Gt06).then(|| gt06::utc_offset(&view.config.gt06))
+            (view.config.protocol == Protocol::Gt06)
+                .then(|| Gt06::new(limits.frame, &view.config.gt06))
         };
-        if let Some(utc_offset) = gt06 {
-            // NB: boxed so that the GT06 state machine does not grow every Teltonika session.
-            return Box::pin(self.drive_gt06(limits, utc_offset)).await;
+        let (login_timeout, idle) = (limits.login_timeout, limits.idle_timeout);
+        match gt06 {
+            Some(gt06) => Either::Left(Box::pin(self.drive_protocol(login_timeout, idle, gt06))),
+            None => Either::Right(self.drive_protocol(
+                login_timeout,
+                idle,
+                Teltonika::new(limits.frame),
+            )),
         }
-        let imei = match self.login(limits).await {
+    }
+
+    async fn drive_protocol<P: DeviceProtocol>(
+        &mut self,
+        login_timeout: Duration,
+        idle: Duration,
+        mut protocol: P,
+    ) -> CloseReason {
+        let imei = match self.login(login_timeout, &mut protocol).await {
             Ok(imei) => imei,
             Err(reason) => return reason,
         };
         self.imei = Some(imei);
-        self.frames(limits, &imei).await
+        self.frames(idle, &mut protocol, &imei).await
     }
 
     // === Login ===
 
-    async fn login(&mut self, limits: SessionLimits) -> Result<Imei, CloseReason> {
-        let deadline = Instant::now() + limits.login_timeout;
-        let mut decoder = LoginDecoder::new(limits.frame);
-        let imei = loop {
-            match decoder.decode(&mut self.buf) {
-                Ok(Some(imei)) => break imei,
-                Ok(None) => {}
-                Err(err) => {
-                    self.count_login("malformed");
-                    return Err(self.malformed(&err));
+    async fn login<P: DeviceProtocol>(
+        &mut self,
+        timeout: Duration,
+        protocol: &mut P,
+    ) -> Result<Imei, CloseReason> {
+        let deadline = Instant::now() + timeout;
+        // NB: only the identity and the one reply to write outlive this block, which keeps
+        // the login out of an idle session's state machine.
+        let (imei, accepted, reply) = {
+            let login = loop {
+                match protocol.login(&mut self.buf) {
+                    Ok(Some(login)) => break login,
+                    Ok(None) => {}
+                    Err(err) => {
+                        self.count_login("malformed");
+                        return Err(self.malformed(&err));
+                    }
                 }
-            }
-            tokio::select! {
-                read = self.stream.read_buf(&mut self.buf) => self.on_read(read)?,
-                () = tokio::time::sleep_until(deadline) => {
-                    self.count_login("timeout");
-                    debug!("no login within the timeout");
-                    return Err(CloseReason::LoginTimeout);
+                tokio::select! {
+                    read = self.stream.read_buf(&mut self.buf) => self.on_read(read)?,
+                    () = tokio::time::sleep_until(deadline) => {
+                        self.count_login("timeout");
+                        debug!("no login within the timeout");
+                        return Err(CloseReason::LoginTimeout);
+                    }
+                    () = self.ctx.stop.cancelled() => return Err(CloseReason::Shutdown),
                 }
-                () = self.ctx.stop.cancelled() => return Err(CloseReason::Shutdown),
+            };
+            let admission = self.view.borrow().admit(self.port, &login.imei);
+            self.count_login(admission.label());
+            self.event(Event::Login {
+                imei: login.imei.as_str(),
+                result: admission.label(),
+            });
+            if admission != Admission::Accepted {
+                info!(
+                    imei = login.imei.as_str(),
+                    result = admission.label(),
+                    "login refused"
+                );
+                (login.imei, false, login.refused)
+            } else {
+                (login.imei, true, login.accepted)
             }
         };
-        let admission = self.view.borrow().admit(self.port, &imei);
-        self.count_login(admission.label());
-        self.event(Event::Login {
-            imei: imei.as_str(),
-            result: admission.label(),
-        });
-        let accepted = admission == Admission::Accepted;
-        let reply = [login_reply(accepted)];
-        if self.stream.write_all(&reply).await.is_err() {
-            return Err(CloseReason::Io);
-        }
+        self.write(&reply).await?;
         if !accepted {
-            info!(
-                imei = imei.as_str(),
-                result = admission.label(),
-                "login refused"
-            );
             return Err(CloseReason::LoginRefused);
         }
         Span::current().record("imei", imei.as_str());
@@ -207,45 +241,61 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     // === Frames ===
 
-    async fn frames(&mut self, limits: SessionLimits, imei: &Imei) -> CloseReason {
+    async fn frames<P: DeviceProtocol>(
+        &mut self,
+        idle: Duration,
+        protocol: &mut P,
+        imei: &Imei,
+    ) -> CloseReason {
         // Dropped when the session ends, which detaches the device from the command side.
         let mut link = self
             .ctx
             .commands
             .as_ref()
+            .filter(|_| P::COMMANDS)
             .map(|c| c.attach(&self.keys.commands, *imei));
-        let idle = limits.idle_timeout;
-        let mut decoder = FrameDecoder::new(limits.frame);
         let mut idle_deadline = Instant::now() + idle;
         let mut state_written = Instant::now();
         loop {
             // Frames already buffered are handled before the next read, and before shutdown
             // closes the connection: a frame fully received is stored and acked.
             let before = self.buf.len();
-            match decoder.decode(&mut self.buf) {
-                Ok(Some(frame)) => {
-                    let size = before.saturating_sub(self.buf.len());
-                    if let (Frame::Command(command), Some(link)) = (&frame, &link) {
-                        link.on_frame(command);
+            // NB: the step is handled in a boxed future built inside this statement, so that
+            // neither the decoded step nor the store path takes room in an idle session's
+            // state machine (what a listener holds most of); one allocation per frame.
+            let handled = {
+                let handling = match protocol.frame(&mut self.buf) {
+                    Ok(Some(step)) => {
+                        let size = before.saturating_sub(self.buf.len());
+                        if let (Step::Command(command), Some(link)) = (&step, &link) {
+                            link.on_frame(command);
+                        }
+                        Some(Box::pin(self.handle(step, size, imei)))
                     }
-                    if let Err(reason) = self.handle(frame, size, imei).await {
-                        return reason;
+                    Ok(None) => None,
+                    Err(err) => {
+                        if let Some(link) = &link {
+                            link.on_malformed();
+                        }
+                        return self.malformed(&err);
                     }
-                    if state_written.elapsed() >= DEVICE_STATE_EVERY {
-                        state_written = Instant::now();
-                        self.ctx
-                            .sink
-                            .device_state(&self.keys, imei.as_str(), self.port, true);
-                    }
-                    continue;
+                };
+                match handling {
+                    Some(handling) => Some(handling.await),
+                    None => None,
                 }
-                Ok(None) => {}
-                Err(err) => {
-                    if let Some(link) = &link {
-                        link.on_malformed();
-                    }
-                    return self.malformed(&err);
+            };
+            if let Some(handled) = handled {
+                if let Err(reason) = handled {
+                    return reason;
                 }
+                if state_written.elapsed() >= DEVICE_STATE_EVERY {
+                    state_written = Instant::now();
+                    self.ctx
+                        .sink
+                        .device_state(&self.keys, imei.as_str(), self.port, true);
+                }
+                continue;
             }
             if self.ctx.stop.is_cancelled() {
                 return CloseReason::Shutdown;
@@ -279,17 +329,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    async fn handle(&mut self, frame: Frame, size: usize, imei: &Imei) -> Result<(), CloseReason> {
-        match frame {
-            Frame::KeepAlive => Ok(()),
-            Frame::Command(command) => {
+    async fn handle(&mut self, step: Step, size: usize, imei: &Imei) -> Result<(), CloseReason> {
+        match step {
+            Step::Answer(reply) => self.write(&reply).await,
+            Step::Command(command) => {
                 self.on_command(&command, imei);
                 Ok(())
             }
-            // NB: boxed so that an idle session's state machine does not reserve room for the
-            // publish path (retry timer, channel send, oneshot): that space is only needed while
-            // a frame is being stored, and idle connections are what a listener holds most of.
-            Frame::Avl(packet) => Box::pin(self.store_and_ack(packet, size, imei)).await,
+            Step::Raw {
+                protocol,
+                payload,
+                reply,
+                label,
+            } => {
+                self.count_frame(label);
+                let payload_hex = hex(&payload);
+                self.event(Event::Gt06Packet {
+                    imei: imei.as_str(),
+                    protocol,
+                    payload_hex: &payload_hex,
+                });
+                debug!(protocol, "packet kept raw");
+                self.write(&reply).await
+            }
+            Step::Store {
+                records,
+                ack,
+                label,
+            } => self.store_and_ack(records, ack, label, size, imei).await,
         }
     }
 
@@ -313,36 +380,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     async fn store_and_ack(
         &mut self,
-        packet: AvlPacket,
+        records: Records,
+        ack: Reply,
+        label: &'static str,
         size: usize,
         imei: &Imei,
     ) -> Result<(), CloseReason> {
         let read_at = Instant::now();
         let ctx = Arc::clone(&self.ctx);
-        let codec = packet.codec.label();
-        ctx.metrics
-            .frames
-            .with_label_values(&[ctx.pool.as_str(), codec])
-            .inc();
-        let count = u32::try_from(packet.records.len()).unwrap_or(u32::MAX);
+        self.count_frame(label);
+        let count = records.count();
         let _inflight = ctx.sink.reserve(size).await;
-        let call = ctx.sink.prepare(
-            &self.keys,
-            imei,
-            packet.codec,
-            self.port,
-            &packet.records,
-            now_ms(),
-        );
-        drop(packet);
+        let call = match &records {
+            Records::Teltonika(packet) => ctx.sink.prepare(
+                &self.keys,
+                imei,
+                packet.codec,
+                self.port,
+                &packet.records,
+                now_ms(),
+            ),
+            Records::Gt06(location) => {
+                ctx.sink
+                    .prepare_gt06(&self.keys, imei, self.port, location, now_ms())
+            }
+        };
+        drop(records);
         let new = publish(&ctx, &call).await?;
-        if self.stream.write_all(&encode_ack(count)).await.is_err() {
-            return Err(CloseReason::Io);
-        }
+        self.write(&ack).await?;
         let pool = ctx.pool.as_str();
         ctx.metrics
             .records
-            .with_label_values(&[pool, codec])
+            .with_label_values(&[pool, label])
             .inc_by(u64::from(count));
         ctx.metrics
             .duplicate_records
@@ -352,8 +421,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .ack_delay
             .with_label_values(&[pool])
             .observe(read_at.elapsed().as_secs_f64());
-        debug!(records = count, new, codec, "acked");
+        debug!(records = count, new, codec = label, "acked");
         Ok(())
+    }
+
+    /// Writes a reply (nothing for an empty one).
+    async fn write(&mut self, reply: &Reply) -> Result<(), CloseReason> {
+        self.stream
+            .write_all(reply.as_bytes())
+            .await
+            .map_err(|_| CloseReason::Io)
+    }
+
+    fn count_frame(&self, label: &'static str) {
+        self.ctx
+            .metrics
+            .frames
+            .with_label_values(&[self.ctx.pool.as_str(), label])
+            .inc();
     }
 
     // === Shared ===
@@ -399,17 +484,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Malformed input is final for this connection only: counted by reason, logged once,
     /// closed without an ack.
-    fn malformed(&self, err: &FrameError) -> CloseReason {
+    fn malformed(&self, err: &Malformed) -> CloseReason {
+        let reason = err.reason;
         self.ctx
             .metrics
             .decode_errors
-            .with_label_values(&[self.ctx.pool.as_str(), err.reason()])
+            .with_label_values(&[self.ctx.pool.as_str(), reason])
             .inc();
-        warn!(reason = err.reason(), offset = ?err.offset(), %err, "malformed input: closing");
+        warn!(reason, offset = ?err.offset, err = %err.detail, "malformed input: closing");
         let imei = self.imei.as_ref().map(|i| i.as_str().to_owned());
         self.event(Event::DecodeError {
             imei: imei.as_deref(),
-            reason: err.reason(),
+            reason,
         });
         CloseReason::Malformed
     }
@@ -477,7 +563,7 @@ mod tests {
     use crate::error::PublishError;
     use tokio::io::DuplexStream;
     use tokio::sync::mpsc;
-    use trackgate_protocol::{AvlRecord, Codec, encode_avl, encode_login};
+    use trackgate_protocol::{AvlPacket, AvlRecord, Codec, encode_ack, encode_avl, encode_login};
 
     const IMEI: &str = "356307042441013";
 

@@ -7,23 +7,32 @@ const SLICES: usize = 16;
 /// CRC of a byte followed by `k` zero bytes. Built at compile time (8 KiB, fits L1).
 static TABLES: [[u16; 256]; SLICES] = build_tables();
 
-const fn build_tables() -> [[u16; 256]; SLICES] {
-    let mut tables = [[0u16; 256]; SLICES];
+/// The byte table of a reflected CRC-16 with polynomial `poly` (given reflected): entry `i` is
+/// the CRC register after shifting byte `i` through it. Shared by CRC-16/IBM here and GT06's
+/// CRC-16/X-25 (`gt06::crc_itu`), which differ only in polynomial, init and final xor.
+pub(crate) const fn reflected_table(poly: u16) -> [u16; 256] {
+    let mut t = [0u16; 256];
     let mut i = 0;
     while i < 256 {
         let mut crc = i as u16;
         let mut bit = 0;
         while bit < 8 {
             crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xA001
+                (crc >> 1) ^ poly
             } else {
                 crc >> 1
             };
             bit += 1;
         }
-        tables[0][i] = crc;
+        t[i] = crc;
         i += 1;
     }
+    t
+}
+
+const fn build_tables() -> [[u16; 256]; SLICES] {
+    let mut tables = [[0u16; 256]; SLICES];
+    tables[0] = reflected_table(0xA001);
     let mut k = 1;
     while k < SLICES {
         let mut i = 0;
@@ -66,23 +75,30 @@ pub fn crc16_ibm(data: &[u8]) -> u16 {
     crc
 }
 
+/// The bit-at-a-time form of a reflected CRC-16 (`poly` reflected, register starting at
+/// `init`, no final xor): the reference the table-driven CRCs are tested against.
+#[cfg(test)]
+pub(crate) fn bitwise_reflected(poly: u16, init: u16, data: &[u8]) -> u16 {
+    let mut crc = init;
+    for &b in data {
+        crc ^= u16::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ poly
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    crc
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn bitwise(data: &[u8]) -> u16 {
-        let mut crc = 0u16;
-        for &b in data {
-            crc ^= u16::from(b);
-            for _ in 0..8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ 0xA001
-                } else {
-                    crc >> 1
-                };
-            }
-        }
-        crc
+        bitwise_reflected(0xA001, 0, data)
     }
 
     #[test]

@@ -11,7 +11,6 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
-use trackgate_api::redis_layout;
 use trackgate_protocol::gt06::{Gt06EncodeError, Gt06Error, UtcOffset};
 use trackgate_protocol::{
     AvlPacket, AvlRecord, Codec, EncodeError, FrameDecoder, FrameError, Imei, Limits, encode_avl,
@@ -23,10 +22,10 @@ use crate::commands::{Head, answer_commands, head};
 /// How long four zero bytes wait for the rest of a frame before they count as an ack of 0.
 const ZERO_ACK_WAIT: Duration = Duration::from_millis(50);
 
-use crate::stats::{AckedRecord, Stats, record_key};
+use crate::stats::{AckedRecord, Stats, teltonika_entry_key};
 use crate::track::Track;
 
-mod gt06;
+pub(crate) mod gt06;
 
 /// The protocol a device speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -178,10 +177,37 @@ pub struct Pending {
     pub packet: AvlPacket,
     /// The encoded TCP frame, resent byte for byte.
     pub frame: Bytes,
+    /// The entry key of each record ([`crate::AckedRecord::key`]), computed by the protocol
+    /// that encoded them, since each stores other fields.
+    pub keys: Vec<u64>,
     /// Wrong acks received for it on the current link.
     pub wrong_acks: u32,
     /// Whether it has been written at least once (so the next write is a resend).
     pub sent: bool,
+}
+
+impl Pending {
+    /// Notes a write of it, counting the resend when it went out before.
+    pub(crate) fn mark_sent(&mut self, stats: &Stats) {
+        if self.sent {
+            stats.on_resend();
+        }
+        self.sent = true;
+    }
+}
+
+/// Why a device's idle wait ended ([`Device::wait_for_frame`]).
+pub(crate) enum Wake<T> {
+    /// Nothing left to send: the session is done.
+    Finished,
+    /// The run was stopped; look again.
+    Stopped,
+    /// Silent for the keep-alive interval: send the protocol's keep-alive.
+    KeepAlive,
+    /// The next frame is due: build it.
+    FrameDue,
+    /// The server wrote something.
+    Read(T),
 }
 
 /// One simulated device.
@@ -253,6 +279,7 @@ impl Device {
         let count = u64::from(self.settings.records_per_frame.max(1)).min(self.records_left);
         let codec = self.settings.codec;
         let records: Vec<AvlRecord> = (0..count).map(|_| self.track.next_record(codec)).collect();
+        let keys = records.iter().map(teltonika_entry_key).collect();
         let packet = AvlPacket { codec, records };
         let mut buf = BytesMut::new();
         encode_avl(&packet, &mut buf)?;
@@ -267,6 +294,7 @@ impl Device {
         Ok(self.pending.insert(Pending {
             packet,
             frame: buf.freeze(),
+            keys,
             wrong_acks: 0,
             sent: false,
         }))
@@ -281,14 +309,63 @@ impl Device {
         stats.on_acked(n);
         if self.settings.keep_acked {
             let acked_at = stats.since_start();
-            self.acked
-                .extend(pending.packet.records.iter().map(|r| AckedRecord {
-                    imei: self.imei_number,
-                    ts_ms: r.timestamp_ms,
-                    key: record_key(redis_layout::record_values(r).iter().map(String::as_str)),
-                    acked_at,
-                }));
+            let records = pending.packet.records.iter().zip(&pending.keys);
+            self.acked.extend(records.map(|(r, &key)| AckedRecord {
+                imei: self.imei_number,
+                ts_ms: r.timestamp_ms,
+                key,
+                acked_at,
+            }));
         }
+    }
+
+    /// Waits, with nothing pending, for what comes first: the stop, the keep-alive time
+    /// (`last_write` + the interval), the next frame's time, or `read` (the protocol's read of
+    /// server bytes, dropped unfinished otherwise, so it must be cancel-safe).
+    pub(crate) async fn wait_for_frame<T>(
+        &self,
+        stop: &CancellationToken,
+        last_write: Instant,
+        read: impl std::future::Future<Output = T>,
+    ) -> Wake<T> {
+        if self.is_finished(stop) {
+            return Wake::Finished;
+        }
+        let keepalive_at = last_write + self.settings.keepalive_interval;
+        let frame_at = self.next_frame_at();
+        tokio::select! {
+            _ = stop.cancelled(), if !stop.is_cancelled() => Wake::Stopped,
+            _ = sleep_until(keepalive_at) => Wake::KeepAlive,
+            _ = sleep_until(frame_at.unwrap_or(keepalive_at)), if frame_at.is_some() => Wake::FrameDue,
+            got = read => Wake::Read(got),
+        }
+    }
+
+    /// Settles the pending packet on the server's answer, `acked` or not: an ack logs it; a
+    /// wrong answer is counted, and the streak ends the link with `give_up`'s error once it
+    /// reaches `max_wrong_acks` (the packet stays pending for the next link).
+    pub(crate) fn settle(
+        &mut self,
+        acked: bool,
+        sent_at: Instant,
+        stats: &Stats,
+        give_up: impl FnOnce() -> SessionError,
+    ) -> Result<(), SessionError> {
+        if acked {
+            stats.on_latency(sent_at.elapsed());
+            self.ack_pending(stats);
+            return Ok(());
+        }
+        stats.on_wrong_ack();
+        let max = self.settings.max_wrong_acks;
+        if let Some(pending) = self.pending.as_mut() {
+            pending.wrong_acks += 1;
+            if pending.wrong_acks >= max {
+                pending.wrong_acks = 0;
+                return Err(give_up());
+            }
+        }
+        Ok(())
     }
 
     // === Session ===
@@ -337,22 +414,21 @@ impl Device {
         loop {
             // Wait for the next frame to be due, pinging when idle and noticing a close.
             while self.pending.is_none() {
-                if self.is_finished(stop) {
-                    return Ok(());
-                }
-                let keepalive_at = last_write + self.settings.keepalive_interval;
-                let frame_at = self.next_frame_at();
-                tokio::select! {
-                    _ = stop.cancelled(), if !stop.is_cancelled() => {}
-                    _ = sleep_until(keepalive_at) => {
+                match self
+                    .wait_for_frame(stop, last_write, rd.read_buf(&mut inbox))
+                    .await
+                {
+                    Wake::Finished => return Ok(()),
+                    Wake::Stopped => {}
+                    Wake::KeepAlive => {
                         wr.write_all(&[0xFF]).await?;
                         last_write = Instant::now();
                         stats.on_keepalive();
                     }
-                    _ = sleep_until(frame_at.unwrap_or(keepalive_at)), if frame_at.is_some() => {
+                    Wake::FrameDue => {
                         self.next_packet()?;
                     }
-                    read = rd.read_buf(&mut inbox) => {
+                    Wake::Read(read) => {
                         if read? == 0 {
                             return Err(SessionError::Closed);
                         }
@@ -369,10 +445,7 @@ impl Device {
             let Some(pending) = self.pending.as_mut() else {
                 continue;
             };
-            if pending.sent {
-                stats.on_resend();
-            }
-            pending.sent = true;
+            pending.mark_sent(stats);
             let expected = pending.packet.records.len() as u32;
             wr.write_all(&pending.frame).await?;
             let sent_at = Instant::now();
@@ -405,18 +478,11 @@ impl Device {
             }
             let ack = inbox.split_to(4);
             let got = u32::from_be_bytes([ack[0], ack[1], ack[2], ack[3]]);
-            if got == expected {
-                stats.on_latency(sent_at.elapsed());
-                self.ack_pending(stats);
-            } else {
-                stats.on_wrong_ack();
-                pending.wrong_acks += 1;
-                if pending.wrong_acks >= self.settings.max_wrong_acks {
-                    pending.wrong_acks = 0;
-                    return Err(SessionError::WrongAck { got, expected });
-                }
-                // Loop: the same packet goes out again, as the device does on a mismatch.
-            }
+            // On a wrong count the loop sends the same packet again, as the device does.
+            self.settle(got == expected, sent_at, stats, || SessionError::WrongAck {
+                got,
+                expected,
+            })?;
         }
     }
 }

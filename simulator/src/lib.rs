@@ -31,6 +31,9 @@ pub use load::{
     targets_from_shard,
 };
 pub use report::{AckedLog, LoadReport};
-pub use stats::{AckedRecord, Counts, LatencySummary, Stats, record_key};
+pub use stats::{
+    AckedRecord, Counts, FIELD_PROTOCOL, LatencySummary, Stats, TELTONIKA, gt06_entry_key,
+    record_key, teltonika_entry_key,
+};
 pub use track::{LOG_PERIOD_MS, SplitMix64, Track};
 pub use verify::{StreamLayout, Verification, VerifyError, verify};

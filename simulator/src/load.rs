@@ -510,10 +510,7 @@ async fn run_udp_device(mut device: Device, mut ctx: DeviceCtx) -> Device {
             ctx.stats.on_error(SessionError::from(err).reason());
             break;
         }
-        if pending.sent {
-            ctx.stats.on_resend();
-        }
-        pending.sent = true;
+        pending.mark_sent(&ctx.stats);
         let sent_at = Instant::now();
         if let Err(err) = socket.send(&out).await {
             ctx.stats.on_error(udp_reason(&err));

@@ -9,6 +9,8 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::time::Instant;
+use trackgate_api::redis_layout::{self, RECORD_FIELDS};
+use trackgate_protocol::{AvlRecord, gt06};
 
 /// A record the server acked: what the verifier must find in Redis exactly once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,14 +19,41 @@ pub struct AckedRecord {
     pub imei: u64,
     /// Device timestamp (ms since the epoch), the `ts` field.
     pub ts_ms: u64,
-    /// [`record_key`] of the record's Redis fields.
+    /// [`record_key`] of the entry's `protocol` and record fields ([`teltonika_entry_key`],
+    /// [`gt06_entry_key`]).
     pub key: u64,
     /// When the ack arrived, since the start of the run.
     pub acked_at: Duration,
 }
 
-/// FNV-1a over the record's Redis field values (`redis_layout::RECORD_FIELDS` order, each
-/// followed by a separator): a stable, dependency-free digest
+/// The entry field naming the protocol that carried a record.
+pub const FIELD_PROTOCOL: &str = "protocol";
+/// The [`FIELD_PROTOCOL`] value of Teltonika entries (GT06's is [`gt06::PROTOCOL`]).
+pub const TELTONIKA: &str = "teltonika";
+
+/// [`record_key`] of the entry the listener stores for a Teltonika record: `protocol`, then the
+/// record's fields. The verifier computes the same from what it reads back.
+pub fn teltonika_entry_key(record: &AvlRecord) -> u64 {
+    let values = redis_layout::record_values(record);
+    record_key(std::iter::once(TELTONIKA).chain(values.iter().map(String::as_str)))
+}
+
+/// [`record_key`] of the entry the listener stores for a GT06 location: `protocol=gt06`, then
+/// the fields it shares with Teltonika in their places, empty where GT06 has none (`alt`,
+/// `priority`, `event`), as an absent field reads back.
+pub fn gt06_entry_key(location: &gt06::Location) -> u64 {
+    let fields = location.fields();
+    let values = RECORD_FIELDS.map(|name| {
+        fields
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or("", |(_, v)| v.as_str())
+    });
+    record_key(std::iter::once(gt06::PROTOCOL).chain(values))
+}
+
+/// FNV-1a over an entry's values (its `protocol`, then `redis_layout::RECORD_FIELDS` order,
+/// each followed by a separator): a stable, dependency-free digest
 /// so that millions of acked records cost 32 bytes each, not their text.
 pub fn record_key<'a>(values: impl IntoIterator<Item = &'a str>) -> u64 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;

@@ -33,16 +33,33 @@ pub fn free_ports(n: usize) -> Vec<u16> {
     free_ports_in(TEST_PORTS, n, |_| true)
 }
 
-/// `n` distinct free ports in `range` for which `also` holds too (see [`free_ports`]).
-fn free_ports_in(range: std::ops::Range<u16>, n: usize, also: impl Fn(u16) -> bool) -> Vec<u16> {
-    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
-    let span = u32::from(range.end - range.start);
-    let seed = SystemTime::now()
+/// Ports handed out by this process: a port picked for a server that has not bound it yet is
+/// free to the kernel, so a later pick could return it again.
+static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+
+/// Where a port scan starts: drawn from the clock and the pid, so concurrent test
+/// processes rarely probe the same ports.
+fn scan_seed() -> u32 {
+    SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0)
-        ^ std::process::id().wrapping_mul(2_654_435_761);
+        ^ std::process::id().wrapping_mul(2_654_435_761)
+}
+
+/// Binds `port` for TCP and UDP (listeners bind the same port number for each), holding the
+/// TCP socket; `None` when either is taken.
+fn hold(port: u16) -> Option<TcpListener> {
+    let tcp = TcpListener::bind(("127.0.0.1", port)).ok()?;
+    std::net::UdpSocket::bind(("127.0.0.1", port)).ok()?;
+    Some(tcp)
+}
+
+/// `n` distinct free ports in `range` for which `also` holds too (see [`free_ports`]).
+fn free_ports_in(range: std::ops::Range<u16>, n: usize, also: impl Fn(u16) -> bool) -> Vec<u16> {
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    let span = u32::from(range.end - range.start);
+    let seed = scan_seed();
     let mut held = Vec::with_capacity(n);
     for step in 0..span {
         if held.len() == n {
@@ -52,11 +69,7 @@ fn free_ports_in(range: std::ops::Range<u16>, n: usize, also: impl Fn(u16) -> bo
         if handed_out.contains(&port) {
             continue;
         }
-        // both TCP and UDP free: listeners bind the same port number for each
-        if let Ok(tcp) = TcpListener::bind(("127.0.0.1", port))
-            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
-            && also(port)
-        {
+        if let Some(tcp) = hold(port).filter(|_| also(port)) {
             held.push(tcp);
         }
     }
@@ -67,6 +80,28 @@ fn free_ports_in(range: std::ops::Range<u16>, n: usize, also: impl Fn(u16) -> bo
         .collect();
     handed_out.extend(&ports);
     ports
+}
+
+/// The first of `n` consecutive free ports in [`TEST_PORTS`] (a pool's `ports` range), none
+/// handed out before (see [`free_ports`]).
+pub fn free_port_range(n: u16) -> u16 {
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    let starts = u32::from(TEST_PORTS.end - TEST_PORTS.start - n);
+    let seed = scan_seed();
+    for step in 0..starts {
+        let first =
+            TEST_PORTS.start + ((seed.wrapping_add(step.wrapping_mul(7919))) % starts) as u16;
+        let range = first..first + n;
+        if range.clone().any(|p| handed_out.contains(&p)) {
+            continue;
+        }
+        let held: Option<Vec<TcpListener>> = range.clone().map(hold).collect();
+        if held.is_some() {
+            handed_out.extend(range);
+            return first;
+        }
+    }
+    panic!("no {n} consecutive free ports in {TEST_PORTS:?}");
 }
 
 /// Where a tool lives, or `None` when it is not installed.
@@ -93,6 +128,7 @@ pub fn require_tool(tool: &str) -> Option<PathBuf> {
 
 mod cluster;
 pub use cluster::{ClusterNode, RedisCluster};
+pub mod gt06;
 
 /// A `redis-server` (or `valkey-server`) child process on 127.0.0.1, killed on drop. By
 /// default persistence is off.
@@ -322,6 +358,131 @@ pub fn trackgate_binary() -> PathBuf {
         }
     }
     bin
+}
+
+/// A clean simulator run: the devices got `records` records acked with no error, and the
+/// verifier found each of them exactly once. `label` names the case in the failure message.
+///
+/// # Panics
+/// When any of that does not hold (the report and the verification are in the message).
+pub fn assert_every_record_stored_once(
+    label: &str,
+    records: u64,
+    outcome: &trackgate_simulator::LoadOutcome,
+    v: &trackgate_simulator::Verification,
+) {
+    let report = &outcome.report;
+    assert_eq!(report.counts.records_acked, records, "{label}\n{report}");
+    assert_eq!(report.error_count(), 0, "{label}\n{report}");
+    assert!(v.is_ok() && v.found == records, "{label}: {v}");
+}
+
+/// Every entry of the stream `key` on the Redis at `url`, oldest first, as field → value.
+///
+/// # Panics
+/// When Redis cannot be read or a value is not text.
+pub async fn stream_entries(
+    url: &str,
+    key: &str,
+) -> Vec<std::collections::HashMap<String, String>> {
+    let client = redis::Client::open(url).expect("redis URL");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to redis");
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .expect("XRANGE");
+    reply
+        .ids
+        .iter()
+        .map(|e| {
+            e.map
+                .iter()
+                .map(|(k, v)| {
+                    let v = redis::from_redis_value_ref::<String>(v).expect("text value");
+                    (k.clone(), v)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// `trackgate run` as a child process on loopback, SIGKILLed on drop: one pool file per
+/// `(name, yaml)`, its state directory (the shard configs it plans) kept in a temp dir.
+pub struct PoolRun {
+    child: Child,
+    dir: tempfile::TempDir,
+    /// Its admin port (`/metrics`, `/livez`, `/readyz`).
+    pub admin: u16,
+}
+
+impl PoolRun {
+    /// Writes the pool files, starts `trackgate run` on them against `redis_url`, and waits
+    /// until each of `ports` accepts connections.
+    ///
+    /// # Panics
+    /// When the process cannot start or a port does not open within 15 s.
+    pub fn start(pools: &[(&str, &str)], redis_url: &str, ports: &[u16]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir for trackgate run");
+        let admin = free_port();
+        let mut cmd = Command::new(trackgate_binary());
+        cmd.arg("run");
+        for (name, yaml) in pools {
+            let file = dir.path().join(format!("{name}.yaml"));
+            std::fs::write(&file, yaml).expect("write the pool file");
+            cmd.arg(file);
+        }
+        let child = cmd
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .args(["--bind", "127.0.0.1"])
+            .arg("--admin-addr")
+            .arg(format!("127.0.0.1:{admin}"))
+            .env("TRACKGATE_REDIS_URL", redis_url)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn trackgate run");
+        let mut run = Self { child, dir, admin };
+        for port in ports {
+            let addr = SocketAddr::from(([127, 0, 0, 1], *port));
+            if let Err(err) = wait_for_port(addr, Duration::from_secs(15)) {
+                let status = run.child.try_wait();
+                panic!("trackgate run not accepting: {err} (process: {status:?})");
+            }
+        }
+        run
+    }
+
+    /// The shard configs `trackgate run` planned for `pool` (`<state>/<pool>/shard-*/shard.json`),
+    /// as JSON text.
+    pub fn shard_configs(&self, pool: &str) -> Vec<String> {
+        let dir = self.dir.path().join("state").join(pool);
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .flatten()
+            .map(|e| e.path().join("shard.json"))
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        files
+            .iter()
+            .map(|f| std::fs::read_to_string(f).expect("read shard.json"))
+            .collect()
+    }
+}
+
+impl Drop for PoolRun {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn newest_file(dir: &Path) -> Option<(SystemTime, PathBuf)> {

@@ -7,37 +7,25 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use prometheus::Registry;
-use redis::streams::StreamRangeReply;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use trackgate_api::redis_layout as keys;
 use trackgate_api::{Protocol, ShardConfig};
 use trackgate_listener::{Listener, ListenerOptions, ShardSource};
-use trackgate_protocol::gt06::{self, Frame, FrameDecoder, Packet, UtcOffset};
+use trackgate_protocol::gt06::{self, FrameDecoder, Packet, UtcOffset};
 use trackgate_protocol::{AvlPacket, AvlRecord, Codec, Imei, encode_avl, encode_login};
 use trackgate_telemetry::Health;
-use trackgate_tests::{RedisServer, free_ports};
+use trackgate_tests::gt06::{IMEI as GT06_IMEI, LOCATION, LOGIN, heartbeat, hex};
+use trackgate_tests::{RedisServer, free_ports, stream_entries};
 
 const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
-/// PROTOCOL.md §4's login (serial 9) and traccar's `0x12` vector 97, of the same device.
-const LOGIN: &str = "78780D01086471700328358100093F040D0A";
-const LOCATION: &str =
-    "787823120F081B121D37CB01C8E2CC08AFD3C020D50201940701D600A1190041EE100576D1470D0A";
 /// traccar vector 119: an alarm `0x16`, which the device wants echoed.
 const ALARM: &str =
     "787825161a011c141001cf00bc62e0043533a231113808028005006800124b470603300204baa49a0d0a";
-const GT06_IMEI: &str = "864717003283581";
 const OTHER_IMEI: &str = "356307042441099";
 const TELTONIKA_IMEI: &str = "356307042441013";
-
-fn hex(s: &str) -> Vec<u8> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
-}
 
 /// Vector 97 moved `i` seconds on, re-encoded with serial `10 + i`.
 fn location(i: u64) -> Vec<u8> {
@@ -60,44 +48,12 @@ fn location(i: u64) -> Vec<u8> {
     out.to_vec()
 }
 
-fn heartbeat(serial: u16) -> Vec<u8> {
-    let frame = Frame {
-        extended: false,
-        protocol: 0x13,
-        content: Bytes::from_static(&[0x44, 0x06, 0x04, 0x00, 0x02]),
-        serial,
-    };
-    let mut out = BytesMut::new();
-    gt06::encode_frame(&frame, &mut out).unwrap();
-    out.to_vec()
-}
-
 async fn readings(redis: &RedisServer, pool: &str, imei: &str) -> Vec<HashMap<String, String>> {
-    let imei = Imei::parse(imei).unwrap();
-    let key = keys::readings_key("trackgate", pool, keys::partition_of(&imei, 4));
-    let mut conn = redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let reply: StreamRangeReply = redis::cmd("XRANGE")
-        .arg(key)
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    reply
-        .ids
-        .iter()
-        .map(|e| {
-            e.map
-                .iter()
-                .map(|(k, v)| (k.clone(), redis::from_redis_value_ref::<String>(v).unwrap()))
-                .collect::<HashMap<_, _>>()
-        })
-        .filter(|f| f["imei"] == imei.as_str())
-        .collect()
+    let partition = keys::partition_of(&Imei::parse(imei).unwrap(), 4);
+    let key = keys::readings_key("trackgate", pool, partition);
+    let mut entries = stream_entries(&redis.url(), &key).await;
+    entries.retain(|f| f["imei"] == imei);
+    entries
 }
 
 async fn read_exact(stream: &mut TcpStream, n: usize) -> Vec<u8> {

@@ -14,7 +14,7 @@ use trackgate_simulator::{
     DeviceSettings, LoadConfig, StreamLayout, Transport, run, targets_from_shard, verify,
 };
 use trackgate_telemetry::Health;
-use trackgate_tests::{RedisServer, free_ports};
+use trackgate_tests::{RedisServer, assert_every_record_stored_once, free_ports};
 
 const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
@@ -72,18 +72,7 @@ async fn every_codec_over_tcp_and_udp_is_stored_exactly_as_sent() {
             .await
             .expect("read redis");
         let label = format!("{} codec {}", transport.label(), codec.label());
-        assert_eq!(
-            outcome.report.counts.records_acked, 60,
-            "{label}\n{}",
-            outcome.report
-        );
-        assert_eq!(
-            outcome.report.error_count(),
-            0,
-            "{label}\n{}",
-            outcome.report
-        );
-        assert!(v.is_ok() && v.found == 60, "{label}: {v}");
+        assert_every_record_stored_once(&label, 60, &outcome, &v);
     }
     assert!(listener.shutdown().await, "clean shutdown");
 }

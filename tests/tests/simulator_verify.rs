@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use trackgate_api::redis_layout;
 use trackgate_protocol::{Codec, Imei};
-use trackgate_simulator::{AckedLog, AckedRecord, StreamLayout, Track, record_key, verify};
+use trackgate_simulator::{
+    AckedLog, AckedRecord, StreamLayout, Track, teltonika_entry_key, verify,
+};
 use trackgate_tests::RedisServer;
 
 const IMEI: &str = "356307042441013";
@@ -50,7 +52,7 @@ async fn verifier_counts_missing_duplicated_and_altered_records() {
             .map(|r| AckedRecord {
                 imei: IMEI.parse().unwrap(),
                 ts_ms: r.timestamp_ms,
-                key: record_key(redis_layout::record_values(r).iter().map(String::as_str)),
+                key: teltonika_entry_key(r),
                 acked_at: Duration::ZERO,
             })
             .collect(),
@@ -61,6 +63,7 @@ async fn verifier_counts_missing_duplicated_and_altered_records() {
         fields.extend(redis_layout::record_fields(&records[i]));
         fields.extend([
             ("codec", "8e".to_owned()),
+            ("protocol", "teltonika".to_owned()),
             ("port", "5000".to_owned()),
             ("recv", (started + 1).to_string()),
         ]);

@@ -230,25 +230,7 @@ pub fn crc_itu(data: &[u8]) -> u16 {
 
 /// Byte table of the reflected polynomial, built at compile time (512 B). GT06 frames are
 /// short (tens of bytes), so the plain table loop is enough.
-static X25_TABLE: [u16; 256] = {
-    let mut t = [0u16; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut crc = i as u16;
-        let mut bit = 0;
-        while bit < 8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0x8408
-            } else {
-                crc >> 1
-            };
-            bit += 1;
-        }
-        t[i] = crc;
-        i += 1;
-    }
-    t
-};
+static X25_TABLE: [u16; 256] = crate::crc::reflected_table(0x8408);
 
 #[cfg(test)]
 mod tests {
@@ -258,19 +240,9 @@ mod tests {
     /// PROTOCOL.md §4's login (IMEI 864717003283581, serial 9, CRC 0x3F04).
     const LOGIN: &str = "78780D01086471700328358100093F040D0A";
 
+    /// CRC-16/X-25 bit by bit: init 0xFFFF, final xor 0xFFFF.
     fn bitwise(data: &[u8]) -> u16 {
-        let mut crc = 0xFFFF_u16;
-        for &b in data {
-            crc ^= u16::from(b);
-            for _ in 0..8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ 0x8408
-                } else {
-                    crc >> 1
-                };
-            }
-        }
-        !crc
+        !crate::crc::bitwise_reflected(0x8408, 0xFFFF, data)
     }
 
     #[test]

@@ -1,15 +1,18 @@
 //! The session a GT06 device runs: login (`0x01`) and wait for its echo, then one `0x22`
-//! location per frame, each resent until the server echoes its serial number, and a `0x13`
-//! heartbeat when idle. Every packet is built with `trackgate_protocol::gt06`'s encoders.
+//! location per frame, each followed by a `0x13` heartbeat, and a heartbeat alone when idle.
+//! Every packet is built with `trackgate_protocol::gt06`'s encoders.
 //!
 //! GT06 has no login refusal: a server that refuses a device closes the connection, which
-//! shows as [`SessionError::Closed`]. The Concox documents make the location echo optional; the
-//! simulator waits for it because a store-then-ack server sends it only once the location is
-//! stored, which is what the simulator exists to check.
+//! shows as [`SessionError::Closed`]. Locations have no acknowledgement in the Concox documents
+//! (trackgate sends none; traccar echoes them anyway), but heartbeats do, and a store-then-ack
+//! server answers a connection's packets in order: the echo of the heartbeat sent after a
+//! location says the location was stored. The device counts a location acked on that echo, or
+//! on the location's own echo from a server that sends one, and resends it on the next link
+//! otherwise.
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 use trackgate_protocol::gt06::{
     self, FrameDecoder, Gps, Heartbeat, Lbs, Location, Login, Packet, Status, UNITS_PER_DEGREE,
@@ -17,8 +20,8 @@ use trackgate_protocol::gt06::{
 };
 use trackgate_protocol::{AvlPacket, AvlRecord, Codec};
 
-use super::{Device, Pending, SessionError};
-use crate::stats::Stats;
+use super::{Device, Pending, SessionError, Wake};
+use crate::stats::{Stats, gt06_entry_key};
 
 /// The location type the simulator sends: GPS, LBS and the ACC/upload-mode/re-upload bytes.
 const LOCATION: u8 = 0x22;
@@ -36,7 +39,7 @@ const CELL: Lbs = Lbs {
 /// A track record as a GT06 location, and the record as a GT06 listener will read it back
 /// (second resolution, coordinates in 1/1,800,000°, speed and satellites capped by their
 /// fields): the acked log must hold what the server can store.
-pub(super) fn location_from(rec: &AvlRecord) -> (Location, AvlRecord) {
+pub(crate) fn location_from(rec: &AvlRecord) -> (Location, AvlRecord) {
     let units = |e7: i32| (u64::from(e7.unsigned_abs()) * 9 + 25) / 50;
     // |lat| <= 90° and |lon| <= 180° in the track, so both fit their u32 fields.
     let latitude = u32::try_from(units(rec.latitude)).unwrap_or(90 * UNITS_PER_DEGREE);
@@ -82,6 +85,7 @@ impl Device {
     fn next_gt06_packet(&mut self, serial: u16, offset: UtcOffset) -> Result<(), SessionError> {
         let rec = self.track.next_record(Codec::Codec8);
         let (loc, stored) = location_from(&rec);
+        let keys = vec![gt06_entry_key(&loc)];
         let mut frame = BytesMut::new();
         gt06::encode_packet(&Packet::Location(loc), serial, offset, &mut frame)?;
         self.records_left = self.records_left.saturating_sub(1);
@@ -96,6 +100,7 @@ impl Device {
                 records: vec![stored],
             },
             frame: frame.freeze(),
+            keys,
             wrong_acks: 0,
             sent: false,
         });
@@ -140,14 +145,13 @@ impl Device {
 
         loop {
             while self.pending.is_none() {
-                if self.is_finished(stop) {
-                    return Ok(());
-                }
-                let keepalive_at = last_write + self.settings.keepalive_interval;
-                let frame_at = self.next_frame_at();
-                tokio::select! {
-                    _ = stop.cancelled(), if !stop.is_cancelled() => {}
-                    _ = sleep_until(keepalive_at) => {
+                match self
+                    .wait_for_frame(stop, last_write, replies.next(&mut rd))
+                    .await
+                {
+                    Wake::Finished => return Ok(()),
+                    Wake::Stopped => {}
+                    Wake::KeepAlive => {
                         serial = serial.wrapping_add(1);
                         out.clear();
                         gt06::encode_packet(&heartbeat(), serial, offset, &mut out)?;
@@ -155,12 +159,12 @@ impl Device {
                         last_write = Instant::now();
                         stats.on_keepalive();
                     }
-                    _ = sleep_until(frame_at.unwrap_or(keepalive_at)), if frame_at.is_some() => {
+                    Wake::FrameDue => {
                         serial = serial.wrapping_add(1);
                         self.next_gt06_packet(serial, offset)?;
                     }
-                    reply = replies.next(&mut rd) => {
-                        // Heartbeat echoes (and anything unsolicited) while idle.
+                    // Heartbeat echoes (and anything unsolicited) while idle.
+                    Wake::Read(reply) => {
                         if reply?.0 != HEARTBEAT {
                             stats.on_unsolicited(1);
                         }
@@ -171,14 +175,16 @@ impl Device {
             let Some(pending) = self.pending.as_mut() else {
                 continue;
             };
-            if pending.sent {
-                stats.on_resend();
-            }
-            pending.sent = true;
+            pending.mark_sent(stats);
             // The serial sits 6 bytes from the end (serial, CRC, stop bits).
             let at = pending.frame.len() - 6;
             let want = u16::from_be_bytes([pending.frame[at], pending.frame[at + 1]]);
-            wr.write_all(&pending.frame).await?;
+            serial = serial.wrapping_add(1);
+            let barrier = serial;
+            out.clear();
+            out.extend_from_slice(&pending.frame);
+            gt06::encode_packet(&heartbeat(), barrier, offset, &mut out)?;
+            wr.write_all(&out).await?;
             let sent_at = Instant::now();
             last_write = sent_at;
             stats.on_frame_sent();
@@ -189,22 +195,17 @@ impl Device {
                     Ok(reply) => reply?,
                 };
                 match reply {
-                    (HEARTBEAT, _) => continue,
-                    (LOCATION, s) => break s == want,
+                    (HEARTBEAT, s) if s == barrier => break true,
+                    (LOCATION, s) if s == want => break true,
+                    // Late echoes of earlier packets (an idle heartbeat, a barrier whose
+                    // location was already echoed).
+                    (HEARTBEAT, _) | (LOCATION, _) => continue,
                     _ => break false,
                 }
             };
-            if echoed {
-                stats.on_latency(sent_at.elapsed());
-                self.ack_pending(stats);
-            } else {
-                stats.on_wrong_ack();
-                pending.wrong_acks += 1;
-                if pending.wrong_acks >= self.settings.max_wrong_acks {
-                    pending.wrong_acks = 0;
-                    return Err(SessionError::WrongEcho { expected: want });
-                }
-            }
+            self.settle(echoed, sent_at, stats, || SessionError::WrongEcho {
+                expected: want,
+            })?;
         }
     }
 }
@@ -251,7 +252,7 @@ mod tests {
     use std::time::Duration;
 
     use tokio::io::DuplexStream;
-    use trackgate_protocol::gt06::{Frame, reply, reply_to};
+    use trackgate_protocol::gt06::{Frame, REPLY_LEN, reply, reply_to};
     use trackgate_protocol::{Imei, Limits};
 
     use super::*;
@@ -310,6 +311,24 @@ mod tests {
         async fn send(&mut self, bytes: &[u8]) {
             self.io.write_all(bytes).await.unwrap();
         }
+
+        /// Answers each frame with what `answer` gives until the device closes; returns the
+        /// frames.
+        async fn serve(mut self, answer: fn(&Frame) -> Option<[u8; REPLY_LEN]>) -> Vec<Frame> {
+            let mut frames = Vec::new();
+            while let Some(f) = self.frame().await {
+                if let Some(r) = answer(&f) {
+                    self.send(&r).await;
+                }
+                frames.push(f);
+            }
+            frames
+        }
+    }
+
+    /// A traccar-like server: every frame echoed, locations included.
+    fn echo_all(f: &Frame) -> Option<[u8; REPLY_LEN]> {
+        Some(reply(f.protocol, f.serial))
     }
 
     #[tokio::test]
@@ -318,28 +337,25 @@ mod tests {
         let stop = CancellationToken::new();
         let (client, server) = tokio::io::duplex(4096);
         let mut dev = device(3, false);
-        let server = tokio::spawn(async move {
-            let mut peer = Peer::new(server);
-            let mut packets = Vec::new();
-            while let Some(f) = peer.frame().await {
-                packets.push(Packet::decode(&f, UtcOffset::UTC).unwrap());
-                // A store-then-ack server: every frame is echoed, locations included.
-                peer.send(&reply(f.protocol, f.serial)).await;
-            }
-            packets
-        });
+        let server = tokio::spawn(Peer::new(server).serve(echo_all));
         dev.run_session(client, &stats, &stop).await.unwrap();
         let acked = std::mem::take(&mut dev.acked);
         drop(dev);
-        let packets = server.await.unwrap();
+        let packets: Vec<_> = server
+            .await
+            .unwrap()
+            .iter()
+            .map(|f| Packet::decode(f, UtcOffset::UTC).unwrap())
+            .collect();
         let Packet::Login(login) = &packets[0] else {
             panic!("{:?}", packets[0])
         };
         assert_eq!(login.imei.as_str(), "864717003283581");
         let locations: Vec<_> = packets[1..]
             .iter()
-            .map(|p| match p {
-                Packet::Location(l) => l.clone(),
+            .filter_map(|p| match p {
+                Packet::Location(l) => Some(l.clone()),
+                Packet::Heartbeat(_) => None,
                 other => panic!("{other:?}"),
             })
             .collect();
@@ -363,6 +379,7 @@ mod tests {
             let login = peer.frame().await.unwrap();
             peer.send(&reply_to(&login).unwrap()).await;
             let loc = peer.frame().await.unwrap();
+            assert_eq!(peer.frame().await.unwrap().protocol, HEARTBEAT);
             assert!(
                 peer.frame().await.is_none(),
                 "the device closes after the timeout"
@@ -391,27 +408,31 @@ mod tests {
         assert_eq!(stats.report_counts().resends, 1);
     }
 
+    /// A server that, like trackgate's listener, echoes heartbeats but not locations: the
+    /// heartbeat sent behind each location is its ack, since the server answers in order.
+    #[tokio::test]
+    async fn heartbeat_echo_behind_a_location_acks_it() {
+        let stats = Stats::new();
+        let stop = CancellationToken::new();
+        let (client, server) = tokio::io::duplex(4096);
+        let mut dev = device(3, false);
+        let server = tokio::spawn(Peer::new(server).serve(reply_to));
+        dev.run_session(client, &stats, &stop).await.unwrap();
+        assert_eq!(dev.acked.len(), 3);
+        drop(dev);
+        let frames = server.await.unwrap();
+        let locations = frames.iter().filter(|f| f.protocol == LOCATION).count();
+        assert_eq!(locations, 3, "each location sent once");
+        assert_eq!(stats.report_counts().resends, 0);
+    }
+
     #[tokio::test]
     async fn idle_device_sends_heartbeats() {
         let stats = Stats::new();
         let stop = CancellationToken::new();
         let (client, server) = tokio::io::duplex(4096);
         let mut dev = device(u64::MAX, true);
-        let server = tokio::spawn(async move {
-            let mut peer = Peer::new(server);
-            let mut heartbeats = 0;
-            while let Some(f) = peer.frame().await {
-                if f.protocol == HEARTBEAT {
-                    assert!(matches!(
-                        Packet::decode(&f, UtcOffset::UTC).unwrap(),
-                        Packet::Heartbeat(_)
-                    ));
-                    heartbeats += 1;
-                }
-                peer.send(&reply(f.protocol, f.serial)).await;
-            }
-            heartbeats
-        });
+        let server = tokio::spawn(Peer::new(server).serve(echo_all));
         let stopper = stop.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(150)).await;
@@ -419,7 +440,13 @@ mod tests {
         });
         dev.run_session(client, &stats, &stop).await.unwrap();
         drop(dev);
-        let n = server.await.unwrap();
+        let frames = server.await.unwrap();
+        // After the login, nothing but heartbeats.
+        for f in &frames[1..] {
+            let packet = Packet::decode(f, UtcOffset::UTC).unwrap();
+            assert!(matches!(packet, Packet::Heartbeat(_)), "{packet:?}");
+        }
+        let n = frames.len() - 1;
         assert!((3..=10).contains(&n), "{n} heartbeats in 150 ms");
     }
 
