@@ -179,6 +179,27 @@ fn fixed_args(fixed: &StoreArgs<'_>, records: usize) -> StoreCallArgs {
     args
 }
 
+/// The `ARGV` trackgate 0.1.0's store script took (`KEYS`: [`readings_key`], [`seen_key`]):
+/// what a 0.1.0 listener sends during an upgrade, for the upgrade tests and the store
+/// benchmark (`tests/fixtures/store_readings_v1.lua` is that script).
+pub fn store_args_v1(fixed: &StoreArgs<'_>, records: &[AvlRecord]) -> Vec<String> {
+    let mut args = vec![
+        fixed.max_len.to_string(),
+        fixed.dedup_records.to_string(),
+        fixed.dedup_ttl_ms.to_string(),
+        fixed.imei.to_owned(),
+        fixed.codec.to_owned(),
+        fixed.port.to_string(),
+        fixed.recv_ms.to_string(),
+        String::new(),
+    ];
+    for record in records {
+        args.push(fingerprint_member(fingerprint(record)));
+        args.extend(record_values(record));
+    }
+    args
+}
+
 /// The readings partition of a device: the IMEI's numeric value modulo `partitions`.
 ///
 /// Plain arithmetic on purpose: a consumer in any language can compute it, and it never changes

@@ -100,18 +100,7 @@ fn main() -> Result<()> {
             "v1" => {
                 let mut cmd = redis::cmd("EVALSHA");
                 cmd.arg(&sha).arg(2).arg(&keys[0]).arg(&keys[2]);
-                cmd.arg(fixed.max_len)
-                    .arg(fixed.dedup_records)
-                    .arg(fixed.dedup_ttl_ms)
-                    .arg(fixed.imei)
-                    .arg(fixed.codec)
-                    .arg(fixed.port)
-                    .arg(fixed.recv_ms)
-                    .arg("");
-                for r in &records {
-                    cmd.arg(layout::fingerprint_member(layout::fingerprint(r)));
-                    cmd.arg(&layout::record_values(r)[..]);
-                }
+                cmd.arg(layout::store_args_v1(&fixed, &records));
                 cmds.push(cmd);
             }
             _ => {

@@ -88,24 +88,15 @@ impl Store {
     /// The 0.1.0 script, with the arguments a 0.1.0 listener sent.
     fn store_legacy(&mut self, records: &[AvlRecord]) -> u32 {
         let [readings, _, seen] = layout::store_keys(PREFIX, POOL, &self.imei, PARTITIONS);
-        let fixed = self.fixed(1_700_000_000_000);
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(&self.legacy_script)
             .arg(2)
             .arg(readings)
             .arg(seen)
-            .arg(fixed.max_len)
-            .arg(fixed.dedup_records)
-            .arg(fixed.dedup_ttl_ms)
-            .arg(fixed.imei)
-            .arg(fixed.codec)
-            .arg(fixed.port)
-            .arg(fixed.recv_ms)
-            .arg("");
-        for r in records {
-            cmd.arg(layout::fingerprint_member(layout::fingerprint(r)));
-            cmd.arg(&layout::record_values(r)[..]);
-        }
+            .arg(layout::store_args_v1(
+                &self.fixed(1_700_000_000_000),
+                records,
+            ));
         cmd.query(&mut self.conn).expect("0.1.0 store_readings")
     }
 
