@@ -84,7 +84,6 @@ impl StoreCallArgs {
         self.ends.push(self.data.len());
     }
 
-    /// An integer in decimal (itoa: no `core::fmt` machinery on the per-record path).
     fn push_int(&mut self, value: impl itoa::Integer) {
         self.push(itoa::Buffer::new().format(value).as_bytes());
     }
@@ -125,17 +124,7 @@ pub fn store_args(fixed: &StoreArgs<'_>, records: &[AvlRecord]) -> StoreCallArgs
         }
         sent.push(fp);
         args.push(&fp.to_be_bytes());
-        args.push_int(record.timestamp_ms);
-        push_degrees(&mut args, record.latitude);
-        push_degrees(&mut args, record.longitude);
-        args.push_int(record.altitude);
-        args.push_int(record.angle);
-        args.push_int(record.satellites);
-        args.push_int(record.speed);
-        args.push_int(record.priority);
-        args.push_int(record.event_id);
-        write_io_json(record, &mut args.data);
-        args.ends.push(args.data.len());
+        push_record_values(&mut args, record);
     }
     args
 }
@@ -250,21 +239,35 @@ pub fn fingerprint_member(fingerprint: u64) -> String {
 /// `-3.1000000`), so no float rounding ever changes a stored coordinate. `io` is
 /// [`io_json`]. (The listener adds `imei`, `codec`, `port` and `recv`.)
 pub fn record_values(record: &AvlRecord) -> [String; 10] {
-    fn int(value: impl itoa::Integer) -> String {
-        itoa::Buffer::new().format(value).to_owned()
-    }
-    [
-        int(record.timestamp_ms),
-        degrees(record.latitude),
-        degrees(record.longitude),
-        int(record.altitude),
-        int(record.angle),
-        int(record.satellites),
-        int(record.speed),
-        int(record.priority),
-        int(record.event_id),
-        io_json(record),
-    ]
+    let packed = record_values_packed(record);
+    let mut values = packed
+        .iter()
+        .map(|v| String::from_utf8_lossy(v).into_owned());
+    std::array::from_fn(|_| values.next().unwrap_or_default())
+}
+
+/// [`record_values`] packed in one buffer (two allocations instead of ten): what the store
+/// call carries, for a caller that only reads the bytes.
+pub fn record_values_packed(record: &AvlRecord) -> StoreCallArgs {
+    let mut args = StoreCallArgs::with_capacity(1);
+    push_record_values(&mut args, record);
+    args
+}
+
+/// The one place a record's values are written (integers with itoa: no `core::fmt` machinery
+/// on the per-record path).
+fn push_record_values(args: &mut StoreCallArgs, record: &AvlRecord) {
+    args.push_int(record.timestamp_ms);
+    push_degrees(args, record.latitude);
+    push_degrees(args, record.longitude);
+    args.push_int(record.altitude);
+    args.push_int(record.angle);
+    args.push_int(record.satellites);
+    args.push_int(record.speed);
+    args.push_int(record.priority);
+    args.push_int(record.event_id);
+    write_io_json(record, &mut args.data);
+    args.ends.push(args.data.len());
 }
 
 /// The record's fields as `(name, value)` pairs, in [`RECORD_FIELDS`] order.
@@ -349,6 +352,7 @@ pub fn fingerprint(record: &AvlRecord) -> u64 {
 }
 
 /// `value / 10^7` with exactly seven decimals, sign included (`-0.5000000`).
+#[cfg(test)]
 fn degrees(value: i32) -> String {
     let mut args = StoreCallArgs::default();
     push_degrees(&mut args, value);

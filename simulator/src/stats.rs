@@ -34,8 +34,8 @@ pub const TELTONIKA: &str = "teltonika";
 /// [`record_key`] of the entry the listener stores for a Teltonika record: `protocol`, then the
 /// record's fields. The verifier computes the same from what it reads back.
 pub fn teltonika_entry_key(record: &AvlRecord) -> u64 {
-    let values = redis_layout::record_values(record);
-    record_key(std::iter::once(TELTONIKA).chain(values.iter().map(String::as_str)))
+    let values = redis_layout::record_values_packed(record);
+    record_key(std::iter::once(TELTONIKA.as_bytes()).chain(values.iter()))
 }
 
 /// [`record_key`] of the entry the listener stores for a GT06 location: `protocol=gt06`, then
@@ -49,18 +49,22 @@ pub fn gt06_entry_key(location: &gt06::Location) -> u64 {
             .find(|(n, _)| *n == name)
             .map_or("", |(_, v)| v.as_str())
     });
-    record_key(std::iter::once(gt06::PROTOCOL).chain(values))
+    record_key(
+        std::iter::once(gt06::PROTOCOL)
+            .chain(values)
+            .map(str::as_bytes),
+    )
 }
 
 /// FNV-1a over an entry's values (its `protocol`, then `redis_layout::RECORD_FIELDS` order,
 /// each followed by a separator): a stable, dependency-free digest
 /// so that millions of acked records cost 32 bytes each, not their text.
-pub fn record_key<'a>(values: impl IntoIterator<Item = &'a str>) -> u64 {
+pub fn record_key<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> u64 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
     let mut hash = OFFSET;
     for value in values {
-        for &b in value.as_bytes().iter().chain(&[0x1f]) {
+        for &b in value.iter().chain(&[0x1f]) {
             hash ^= u64::from(b);
             hash = hash.wrapping_mul(PRIME);
         }
@@ -282,10 +286,11 @@ mod tests {
 
     #[test]
     fn record_key_depends_on_every_value_and_its_place() {
-        let a = record_key(["1", "2.0000000", "3"]);
-        assert_eq!(a, record_key(["1", "2.0000000", "3"]));
-        assert_ne!(a, record_key(["1", "2.0000001", "3"]));
-        assert_ne!(a, record_key(["12", ".0000000", "3"]));
+        let key = |values: [&str; 3]| record_key(values.map(str::as_bytes));
+        let a = key(["1", "2.0000000", "3"]);
+        assert_eq!(a, key(["1", "2.0000000", "3"]));
+        assert_ne!(a, key(["1", "2.0000001", "3"]));
+        assert_ne!(a, key(["12", ".0000000", "3"]));
     }
 
     #[test]

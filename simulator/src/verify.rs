@@ -219,7 +219,7 @@ impl<'a> Tally<'a> {
         let id = (
             imei,
             ts,
-            record_key(std::iter::once(protocol).chain(values)),
+            record_key(std::iter::once(protocol).chain(values).map(str::as_bytes)),
         );
         if let Some(copies) = self.expected.get_mut(&id) {
             *copies += 1;
