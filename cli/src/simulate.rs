@@ -1,4 +1,4 @@
-//! `trackgate simulate`: simulated Teltonika devices against a listener, a summary, and an
+//! `trackgate simulate`: simulated Teltonika or GT06 devices against a listener, a summary, and an
 //! optional check that every acked record landed in Redis exactly once.
 
 use std::net::IpAddr;
@@ -10,8 +10,9 @@ use clap::{Args, ValueEnum};
 use trackgate_api::ShardConfig;
 use trackgate_api::shard_config::REDIS_URL_ENV;
 use trackgate_protocol::Codec;
+use trackgate_protocol::gt06::UtcOffset;
 use trackgate_simulator::{
-    DeviceSettings, LoadConfig, StreamLayout, Transport, run, targets_from_range,
+    DeviceSettings, LoadConfig, Protocol, StreamLayout, Transport, run, targets_from_range,
     targets_from_shard, verify,
 };
 
@@ -39,7 +40,16 @@ impl From<CodecArg> for Codec {
     }
 }
 
-/// Simulate Teltonika devices: login, AVL frames, acks, resends, reconnects.
+/// Protocols a simulated device can speak.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ProtocolArg {
+    /// Teltonika (login, AVL frames acked with the record count).
+    Teltonika,
+    /// GT06 (login, locations, heartbeats).
+    Gt06,
+}
+
+/// Simulate Teltonika or GT06 devices: login, frames, acks, resends, reconnects.
 #[derive(Args, Debug)]
 pub struct SimulateArgs {
     /// Take devices (ports and IMEIs), pool and Redis layout from this shard config.
@@ -60,7 +70,13 @@ pub struct SimulateArgs {
     /// Without --config: every device connects to --port (shared identification mode).
     #[arg(long)]
     shared_port: bool,
-    /// Codec of the AVL frames.
+    /// Protocol the devices speak (default: the shard config's, else teltonika).
+    #[arg(long, value_enum)]
+    protocol: Option<ProtocolArg>,
+    /// GT06: minutes east of UTC of the device clocks (default: the shard config's, else 0).
+    #[arg(long, allow_hyphen_values = true)]
+    utc_offset_minutes: Option<i16>,
+    /// Codec of the AVL frames (Teltonika).
     #[arg(long, value_enum, default_value = "8e")]
     codec: CodecArg,
     /// Records per frame (1-255).
@@ -209,7 +225,28 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     } else {
         Transport::Tcp
     };
+    let gt06 = match args.protocol {
+        Some(protocol) => matches!(protocol, ProtocolArg::Gt06),
+        None => shard
+            .as_ref()
+            .is_some_and(|s| s.protocol == trackgate_api::shard_config::Protocol::Gt06),
+    };
+    let protocol = if gt06 {
+        let minutes = args
+            .utc_offset_minutes
+            .or_else(|| shard.as_ref().map(|s| s.gt06.utc_offset_minutes))
+            .unwrap_or(0);
+        let utc_offset = UtcOffset::from_minutes(minutes)
+            .with_context(|| format!("--utc-offset-minutes {minutes}: -840 to 840"))?;
+        if args.udp {
+            bail!("GT06 devices speak TCP only");
+        }
+        Protocol::Gt06 { utc_offset }
+    } else {
+        Protocol::Teltonika
+    };
     config.device = DeviceSettings {
+        protocol,
         codec: args.codec.into(),
         records_per_frame: args.records_per_frame,
         frame_interval: None,

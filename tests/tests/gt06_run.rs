@@ -235,3 +235,39 @@ async fn utc_offset_minutes_shifts_the_stored_ts() {
         );
     }
 }
+
+/// `trackgate simulate --config <a GT06 shard> --verify`, the command the demo and the
+/// benchmarks use, speaks GT06 because the shard says so: its devices' locations are acked
+/// and the verifier finds each exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulate_command_speaks_gt06_from_the_shard_config() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let first = free_port_range(3);
+    let yaml = pool_yaml("cli-gt06", Some(480), first, 864_717_003_284_000, 3);
+    let ports: Vec<u16> = (first..first + 3).collect();
+    let run = PoolRun::start(&[("cli-gt06", &yaml)], &redis.url(), &ports);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let shard = dir.path().join("shard.json");
+    std::fs::write(&shard, &run.shard_configs("cli-gt06")[0]).expect("write the shard config");
+    let out = tokio::process::Command::new(trackgate_tests::trackgate_binary())
+        .arg("simulate")
+        .arg("--config")
+        .arg(&shard)
+        .args(["--records", "30", "--drain", "5s", "--verify"])
+        .env("TRACKGATE_REDIS_URL", redis.url())
+        .output()
+        .await
+        .expect("run trackgate simulate");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "simulate failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("30 acked, 30 found, 0 missing, 0 duplicated"),
+        "{stdout}"
+    );
+}
