@@ -15,12 +15,14 @@
 #   idle     RSS per idle connection at IDLE_DEVICES connections, then SIGKILL + restart of the
 #            listener and the time until every device is logged in again.
 #
-# Knobs (env): DEVICES=200 RPF=10 SECONDS_MAX=20 SECONDS_LAT=15 IDLE_DEVICES=19000
+# Knobs (env): SIM_BIN=<trackgate binary for the simulator> DEVICES=200 RPF=10 SECONDS_MAX=20 SECONDS_LAT=15 IDLE_DEVICES=19000
 # BENCH_CALLS=50000 (frames measured for the ceiling).
 set -euo pipefail
 
 BIN=${1:-target/release/trackgate}
 shift || true
+# The simulator binary; set it to compare two listener builds against the same devices.
+SIM_BIN=${SIM_BIN:-$BIN}
 PARTS=${*:-ceiling max latency idle}
 DEVICES=${DEVICES:-200}
 RPF=${RPF:-10}
@@ -101,7 +103,7 @@ fi
 
 if [[ " $PARTS " == *" max "* ]]; then
   say "max: ${DEVICES} devices, ${RPF} records/frame, as fast as acked, ${SECONDS_MAX}s, verified"
-  "$BIN" simulate --config "$WORK/shard.json" --records-per-frame "$RPF" \
+  "$SIM_BIN" simulate --config "$WORK/shard.json" --records-per-frame "$RPF" \
     --duration "${SECONDS_MAX}s" --verify --json >"$WORK/max.json"
   python3 - "$WORK/max.json" <<'EOF'
 import json, sys
@@ -119,7 +121,7 @@ if [[ " $PARTS " == *" latency "* ]]; then
   for pct in 50 80; do
     RATE=$(python3 -c "print(round(${MAX_RATE:?run max first or set MAX_RATE} * $pct / 100))")
     say "latency at ${pct}% of max: --rate ${RATE}"
-    "$BIN" simulate --config "$WORK/shard.json" --records-per-frame "$RPF" --rate "$RATE" \
+    "$SIM_BIN" simulate --config "$WORK/shard.json" --records-per-frame "$RPF" --rate "$RATE" \
       --duration "${SECONDS_LAT}s" | grep -E 'acked|latency|errors'
   done
 fi
