@@ -904,6 +904,24 @@ mod tests {
         assert_eq!(command_ready_channel("tg", "fleet"), "tg:{fleet}:cmdready");
     }
 
+    /// docs/operations.md shows the ACL a platform team types: it must be this one.
+    #[test]
+    fn the_documented_acl_is_the_listeners() {
+        let docs = include_str!("../../docs/operations.md");
+        let block = docs
+            .split("ACL SETUSER trackgate-listener on >PASSWORD ")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .unwrap_or_default();
+        let documented: Vec<&str> = block.split_whitespace().filter(|t| *t != "\\").collect();
+        let acl = listener_acl("trackgate");
+        let rules: Vec<&str> = acl.split_whitespace().collect();
+        assert_eq!(
+            documented, rules,
+            "docs/operations.md's ACL differs from listener_acl"
+        );
+    }
+
     #[test]
     fn statuses_round_trip() {
         for status in CommandStatus::ALL {
