@@ -84,6 +84,17 @@ impl StoreCallArgs {
         self.ends.push(self.data.len());
     }
 
+    /// Starts a record with its fingerprint, unless `sent` (this frame's fingerprints so far)
+    /// holds it: the script relies on distinct fingerprints per call. `false`: skip the record.
+    fn push_fingerprint(&mut self, sent: &mut Vec<u64>, fp: u64) -> bool {
+        if sent.contains(&fp) {
+            return false;
+        }
+        sent.push(fp);
+        self.push(&fp.to_be_bytes());
+        true
+    }
+
     fn push_int(&mut self, value: impl itoa::Integer) {
         self.push(itoa::Buffer::new().format(value).as_bytes());
     }
@@ -118,13 +129,9 @@ pub fn store_args(fixed: &StoreArgs<'_>, records: &[AvlRecord]) -> StoreCallArgs
     let mut args = fixed_args(fixed, records.len());
     let mut sent = Vec::with_capacity(records.len());
     for record in records {
-        let fp = fingerprint(record);
-        if sent.contains(&fp) {
-            continue;
+        if args.push_fingerprint(&mut sent, fingerprint(record)) {
+            push_record_values(&mut args, record);
         }
-        sent.push(fp);
-        args.push(&fp.to_be_bytes());
-        push_record_values(&mut args, record);
     }
     args
 }
@@ -136,12 +143,9 @@ pub fn gt06_store_args(fixed: &StoreArgs<'_>, locations: &[gt06::Location]) -> S
     let mut args = fixed_args(fixed, locations.len());
     let mut sent = Vec::with_capacity(locations.len());
     for location in locations {
-        let fp = location.fingerprint();
-        if sent.contains(&fp) {
+        if !args.push_fingerprint(&mut sent, location.fingerprint()) {
             continue;
         }
-        sent.push(fp);
-        args.push(&fp.to_be_bytes());
         let fields = location.fields();
         for name in RECORD_FIELDS {
             let value = fields

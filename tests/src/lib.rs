@@ -460,9 +460,9 @@ impl PoolRun {
         run
     }
 
-    /// The shard configs `trackgate run` planned for `pool` (`<state>/<pool>/shard-*/shard.json`),
-    /// as JSON text.
-    pub fn shard_configs(&self, pool: &str) -> Vec<String> {
+    /// The shard config files `trackgate run` planned for `pool`
+    /// (`<state>/<pool>/shard-*/shard.json`), in shard order.
+    pub fn shard_files(&self, pool: &str) -> Vec<PathBuf> {
         let dir = self.dir.path().join("state").join(pool);
         let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
             .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
@@ -472,6 +472,11 @@ impl PoolRun {
             .collect();
         files.sort();
         files
+    }
+
+    /// [`Self::shard_files`] as JSON text.
+    pub fn shard_configs(&self, pool: &str) -> Vec<String> {
+        self.shard_files(pool)
             .iter()
             .map(|f| std::fs::read_to_string(f).expect("read shard.json"))
             .collect()

@@ -248,13 +248,11 @@ async fn the_simulate_command_speaks_gt06_from_the_shard_config() {
     let yaml = pool_yaml("cli-gt06", Some(480), first, 864_717_003_284_000, 3);
     let ports: Vec<u16> = (first..first + 3).collect();
     let run = PoolRun::start(&[("cli-gt06", &yaml)], &redis.url(), &ports);
-    let dir = tempfile::tempdir().expect("temp dir");
-    let shard = dir.path().join("shard.json");
-    std::fs::write(&shard, &run.shard_configs("cli-gt06")[0]).expect("write the shard config");
+    let shard = &run.shard_files("cli-gt06")[0];
     let out = tokio::process::Command::new(trackgate_tests::trackgate_binary())
         .arg("simulate")
         .arg("--config")
-        .arg(&shard)
+        .arg(shard)
         .args(["--records", "30", "--drain", "5s", "--verify"])
         .env("TRACKGATE_REDIS_URL", redis.url())
         .output()

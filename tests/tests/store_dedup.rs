@@ -43,20 +43,21 @@ struct Store {
     conn: redis::Connection,
     imei: Imei,
     window: u32,
-    legacy_script: String,
 }
+
+/// trackgate 0.1.0's store script, read once for every simulated old listener.
+static LEGACY_SCRIPT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    std::fs::read_to_string(workspace_root().join("tests/fixtures/store_readings_v1.lua"))
+        .expect("the 0.1.0 store script")
+});
 
 impl Store {
     fn new(server: &RedisServer, imei: &str, window: u32) -> Self {
         let client = redis::Client::open(server.url()).expect("redis url");
-        let legacy_script =
-            std::fs::read_to_string(workspace_root().join("tests/fixtures/store_readings_v1.lua"))
-                .expect("the 0.1.0 store script");
         Self {
             conn: client.get_connection().expect("connect to redis"),
             imei: Imei::parse(imei).expect("imei"),
             window,
-            legacy_script,
         }
     }
 
@@ -89,7 +90,7 @@ impl Store {
     fn store_legacy(&mut self, records: &[AvlRecord]) -> u32 {
         let [readings, _, seen] = layout::store_keys(PREFIX, POOL, &self.imei, PARTITIONS);
         let mut cmd = redis::cmd("EVAL");
-        cmd.arg(&self.legacy_script)
+        cmd.arg(LEGACY_SCRIPT.as_str())
             .arg(2)
             .arg(readings)
             .arg(seen)
