@@ -25,10 +25,10 @@ pub const FIELD_PORT: &str = "port";
 /// Entry field: server receive time, ms since the Unix epoch.
 pub const FIELD_RECV: &str = "recv";
 
-/// The store script: dedups one frame's records against the device's dedup window and XADDs
-/// the new ones, atomically. `KEYS`: [`store_keys`]; `ARGV`: [`StoreArgs`] then, per record,
-/// its fingerprint (8 bytes, big-endian) and the [`record_values`] (the whole layout is at the
-/// top of the file). Runnable by hand with `redis-cli --eval api/src/store_readings.lua`.
+/// The store script: dedups frames' records against their devices' dedup windows and XADDs
+/// the new ones, atomically; one call carries the frames of one readings partition.
+/// [`store_call_args`] writes its `numkeys`, `KEYS` and `ARGV` (the whole layout is at the top
+/// of the file). Runnable by hand with `redis-cli --eval api/src/store_readings.lua`.
 pub const STORE_READINGS_LUA: &str = include_str!("store_readings.lua");
 
 /// How long after a trackgate 0.1.0 listener last wrote a device's dedup set the store script
@@ -36,7 +36,7 @@ pub const STORE_READINGS_LUA: &str = include_str!("store_readings.lua");
 /// rolling upgrade is expected to finish well within it.
 pub const LEGACY_DEDUP_GRACE_MS: u64 = 3_600_000;
 
-/// Fixed `ARGV` of one store call (before the per-record arguments).
+/// What one store call's frame is made from.
 #[derive(Debug, Clone, Copy)]
 pub struct StoreArgs<'a> {
     /// `MAXLEN ~` of the readings stream.
@@ -57,25 +57,50 @@ pub struct StoreArgs<'a> {
     pub protocol: &'a str,
 }
 
-/// Number of fixed `ARGV` before the records; each record then takes
-/// [`STORE_ARGS_PER_RECORD`].
-pub const STORE_FIXED_ARGS: usize = 9;
+impl StoreArgs<'_> {
+    /// The part of these arguments a call carries once for all its frames.
+    pub fn settings(&self) -> StoreSettings {
+        StoreSettings {
+            max_len: self.max_len,
+            dedup_records: self.dedup_records.clamp(1, u32::from(u16::MAX)),
+            dedup_ttl_ms: self.dedup_ttl_ms,
+        }
+    }
+}
+
+/// The `ARGV` a store call carries once, ahead of its frames: frames may share a call only when
+/// these are equal (and their readings stream is the same).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StoreSettings {
+    /// `MAXLEN ~` of the readings stream.
+    pub max_len: u64,
+    /// The dedup window, in records (1 to 65,535).
+    pub dedup_records: u32,
+    /// Idle time after which a dedup window expires, ms.
+    pub dedup_ttl_ms: u64,
+}
+
+/// Number of `ARGV` a call carries once ([`StoreSettings`] and [`LEGACY_DEDUP_GRACE_MS`]).
+pub const STORE_CALL_ARGS: usize = 4;
+/// Number of `ARGV` ahead of a frame's records: its record count, then the [`StoreArgs`] that
+/// are not [`StoreSettings`]. Each record then takes [`STORE_ARGS_PER_RECORD`].
+pub const STORE_FRAME_ARGS: usize = 6;
 /// `ARGV` per record: its fingerprint and the [`RECORD_FIELDS`] values.
 pub const STORE_ARGS_PER_RECORD: usize = 1 + RECORD_FIELDS.len();
 
-/// The `ARGV` of one store call, packed in one buffer: built once per frame without a string
-/// per value, and copied as it is into the command on every attempt.
+/// Arguments packed in one buffer: a frame's are built once without a string per value, and
+/// copied as they are into the command on every attempt.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct StoreCallArgs {
+pub struct PackedArgs {
     data: Vec<u8>,
     ends: Vec<usize>,
 }
 
-impl StoreCallArgs {
+impl PackedArgs {
     fn with_capacity(records: usize) -> Self {
         Self {
             data: Vec::with_capacity(64 + 160 * records),
-            ends: Vec::with_capacity(STORE_FIXED_ARGS + STORE_ARGS_PER_RECORD * records),
+            ends: Vec::with_capacity(STORE_FRAME_ARGS + STORE_ARGS_PER_RECORD * records),
         }
     }
 
@@ -85,7 +110,7 @@ impl StoreCallArgs {
     }
 
     /// Starts a record with its fingerprint, unless `sent` (this frame's fingerprints so far)
-    /// holds it: the script relies on distinct fingerprints per call. `false`: skip the record.
+    /// holds it: the script relies on distinct fingerprints per frame. `false`: skip the record.
     fn push_fingerprint(&mut self, sent: &mut Vec<u64>, fp: u64) -> bool {
         if sent.contains(&fp) {
             return false;
@@ -109,11 +134,6 @@ impl StoreCallArgs {
         self.ends.is_empty()
     }
 
-    /// Number of records in the call.
-    pub fn records(&self) -> usize {
-        self.len().saturating_sub(STORE_FIXED_ARGS) / STORE_ARGS_PER_RECORD
-    }
-
     /// The arguments in order.
     pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
         let starts = std::iter::once(0).chain(self.ends.iter().copied());
@@ -123,10 +143,63 @@ impl StoreCallArgs {
     }
 }
 
-/// The store script's `ARGV` for one Teltonika frame. A record repeated within the frame is
-/// sent once (the script relies on distinct fingerprints per call).
-pub fn store_args(fixed: &StoreArgs<'_>, records: &[AvlRecord]) -> StoreCallArgs {
-    let mut args = fixed_args(fixed, records.len());
+/// One device's frame, ready to go into a store call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreFrame {
+    /// [`store_keys`] of the device: the first is the call's readings stream.
+    pub keys: [String; 3],
+    /// From [`store_args`] or [`gt06_store_args`].
+    pub args: PackedArgs,
+}
+
+impl StoreFrame {
+    /// Number of records in the frame (a record repeated within it counts once).
+    pub fn records(&self) -> usize {
+        self.args.len().saturating_sub(STORE_FRAME_ARGS - 1) / STORE_ARGS_PER_RECORD
+    }
+
+    /// The readings stream the frame's records go to.
+    pub fn readings(&self) -> &str {
+        &self.keys[0]
+    }
+}
+
+/// Writes what follows the script in one store call (`numkeys`, `KEYS`, `ARGV`) for `frames`,
+/// in order, one argument per call of `arg`. Every frame must have the same readings stream
+/// (the first's is used): one partition, so one Redis Cluster slot.
+pub fn store_call_args(
+    settings: &StoreSettings,
+    frames: &[&StoreFrame],
+    mut arg: impl FnMut(&[u8]),
+) {
+    let mut int = itoa::Buffer::new();
+    arg(int.format(1 + 2 * frames.len()).as_bytes());
+    let Some(first) = frames.first() else {
+        return;
+    };
+    arg(first.readings().as_bytes());
+    for frame in frames {
+        debug_assert_eq!(frame.readings(), first.readings(), "one partition per call");
+        arg(frame.keys[1].as_bytes());
+        arg(frame.keys[2].as_bytes());
+    }
+    arg(int.format(settings.max_len).as_bytes());
+    arg(int.format(settings.dedup_records).as_bytes());
+    arg(int.format(settings.dedup_ttl_ms).as_bytes());
+    arg(int.format(LEGACY_DEDUP_GRACE_MS).as_bytes());
+    for frame in frames {
+        arg(int.format(frame.records()).as_bytes());
+        for value in frame.args.iter() {
+            arg(value);
+        }
+    }
+}
+
+/// A frame's part of a store call's `ARGV` for Teltonika records (after its record count, which
+/// [`store_call_args`] writes). A record repeated within the frame is sent once (the script
+/// relies on distinct fingerprints per frame).
+pub fn store_args(fixed: &StoreArgs<'_>, records: &[AvlRecord]) -> PackedArgs {
+    let mut args = frame_args(fixed, records.len());
     let mut sent = Vec::with_capacity(records.len());
     for record in records {
         if args.push_fingerprint(&mut sent, fingerprint(record)) {
@@ -136,11 +209,11 @@ pub fn store_args(fixed: &StoreArgs<'_>, records: &[AvlRecord]) -> StoreCallArgs
     args
 }
 
-/// The store script's `ARGV` for GT06 locations: the same script and field names as
-/// Teltonika records; the fields GT06 lacks (`alt`, `priority`, `event`) are left empty, so
-/// the script leaves them out. Pass `codec: ""` and `protocol: "gt06"` in `fixed`.
-pub fn gt06_store_args(fixed: &StoreArgs<'_>, locations: &[gt06::Location]) -> StoreCallArgs {
-    let mut args = fixed_args(fixed, locations.len());
+/// [`store_args`] for GT06 locations: the same script and field names as Teltonika records;
+/// the fields GT06 lacks (`alt`, `priority`, `event`) are left empty, so the script leaves them
+/// out. Pass `codec: ""` and `protocol: "gt06"` in `fixed`.
+pub fn gt06_store_args(fixed: &StoreArgs<'_>, locations: &[gt06::Location]) -> PackedArgs {
+    let mut args = frame_args(fixed, locations.len());
     let mut sent = Vec::with_capacity(locations.len());
     for location in locations {
         if !args.push_fingerprint(&mut sent, location.fingerprint()) {
@@ -158,17 +231,13 @@ pub fn gt06_store_args(fixed: &StoreArgs<'_>, locations: &[gt06::Location]) -> S
     args
 }
 
-fn fixed_args(fixed: &StoreArgs<'_>, records: usize) -> StoreCallArgs {
-    let mut args = StoreCallArgs::with_capacity(records);
-    args.push_int(fixed.max_len);
-    args.push_int(fixed.dedup_records.clamp(1, u32::from(u16::MAX)));
-    args.push_int(fixed.dedup_ttl_ms);
+fn frame_args(fixed: &StoreArgs<'_>, records: usize) -> PackedArgs {
+    let mut args = PackedArgs::with_capacity(records);
     args.push(fixed.imei.as_bytes());
     args.push(fixed.codec.as_bytes());
     args.push_int(fixed.port);
     args.push_int(fixed.recv_ms);
     args.push(fixed.protocol.as_bytes());
-    args.push_int(LEGACY_DEDUP_GRACE_MS);
     args
 }
 
@@ -252,15 +321,15 @@ pub fn record_values(record: &AvlRecord) -> [String; 10] {
 
 /// [`record_values`] packed in one buffer (two allocations instead of ten): what the store
 /// call carries, for a caller that only reads the bytes.
-pub fn record_values_packed(record: &AvlRecord) -> StoreCallArgs {
-    let mut args = StoreCallArgs::with_capacity(1);
+pub fn record_values_packed(record: &AvlRecord) -> PackedArgs {
+    let mut args = PackedArgs::with_capacity(1);
     push_record_values(&mut args, record);
     args
 }
 
 /// The one place a record's values are written (integers with itoa: no `core::fmt` machinery
 /// on the per-record path).
-fn push_record_values(args: &mut StoreCallArgs, record: &AvlRecord) {
+fn push_record_values(args: &mut PackedArgs, record: &AvlRecord) {
     args.push_int(record.timestamp_ms);
     push_degrees(args, record.latitude);
     push_degrees(args, record.longitude);
@@ -358,12 +427,12 @@ pub fn fingerprint(record: &AvlRecord) -> u64 {
 /// `value / 10^7` with exactly seven decimals, sign included (`-0.5000000`).
 #[cfg(test)]
 fn degrees(value: i32) -> String {
-    let mut args = StoreCallArgs::default();
+    let mut args = PackedArgs::default();
     push_degrees(&mut args, value);
     String::from_utf8(args.data).unwrap_or_default()
 }
 
-fn push_degrees(args: &mut StoreCallArgs, value: i32) {
+fn push_degrees(args: &mut PackedArgs, value: i32) {
     let abs = i64::from(value).unsigned_abs();
     if value < 0 {
         args.data.push(b'-');
@@ -458,7 +527,7 @@ pub fn cluster_nodes(url: &str) -> Result<Option<Vec<String>>, String> {
 pub fn listener_acl(prefix: &str) -> String {
     format!(
         "resetkeys ~{prefix}:* resetchannels &{prefix}:* -@all \
-         +evalsha +eval +getrange +setrange +pttl +zscore +zrange +zremrangebyrank +xadd \
+         +evalsha +eval +getrange +setrange +pttl +zscore +zrange +zremrangebyrank +xadd +xtrim \
          +zadd +pexpire +hset \
          +wait +ping +info \
          +cluster|slots +cluster|nodes +cluster|shards +asking +readonly \
@@ -795,7 +864,7 @@ mod tests {
             .collect::<Vec<_>>()
             .join(",");
         assert!(
-            STORE_READINGS_LUA.contains(&format!("local names = {{{names}}}")),
+            STORE_READINGS_LUA.contains(&format!("local NAMES = {{{names}}}")),
             "store_readings.lua's names differ from RECORD_FIELDS"
         );
         for field in [FIELD_IMEI, FIELD_CODEC, FIELD_PORT, FIELD_RECV] {
@@ -804,11 +873,18 @@ mod tests {
                 "{field}"
             );
         }
-        assert!(STORE_READINGS_LUA.contains(&format!(
-            "for a = {}, #A, {}",
-            STORE_FIXED_ARGS + 1,
-            STORE_ARGS_PER_RECORD
-        )));
+        // Where the script finds a call's first frame, a frame's records and the next frame.
+        let (fixed, per) = (STORE_FRAME_ARGS, STORE_ARGS_PER_RECORD);
+        for layout in [
+            format!("local stored, added, a = {{}}, 0, {}", STORE_CALL_ARGS + 1),
+            format!(
+                "for r = a + {fixed}, a + {} + {per} * n, {per} do",
+                fixed - 1
+            ),
+            format!("a = a + {fixed} + {per} * tonumber(A[a])"),
+        ] {
+            assert!(STORE_READINGS_LUA.contains(&layout), "{layout}");
+        }
         // The spelled-out XADD of frames with a codec names every field, in the same order.
         let spelled: Vec<String> = std::iter::once(FIELD_IMEI)
             .chain(RECORD_FIELDS)
@@ -828,7 +904,7 @@ mod tests {
     }
 
     #[test]
-    fn store_args_are_fixed_args_then_fingerprint_and_values_per_record() {
+    fn a_store_call_is_keys_settings_then_each_frame_with_its_record_count() {
         let fixed = StoreArgs {
             max_len: 10,
             dedup_records: 128,
@@ -839,39 +915,65 @@ mod tests {
             recv_ms: 7,
             protocol: "teltonika",
         };
+        let imei = Imei::parse(fixed.imei).expect("imei");
         let mut other = rec();
         other.timestamp_ms += 1000;
         // The repeated record is sent once.
-        let args = store_args(&fixed, &[rec(), rec(), other.clone()]);
-        assert_eq!(args.len(), STORE_FIXED_ARGS + 2 * STORE_ARGS_PER_RECORD);
-        assert_eq!(args.records(), 2);
-        let args: Vec<&[u8]> = args.iter().collect();
-        let fixed: Vec<&[u8]> = vec![
+        let first = StoreFrame {
+            keys: store_keys("tg", "fleet", &imei, 4),
+            args: store_args(&fixed, &[rec(), rec(), other.clone()]),
+        };
+        assert_eq!(first.records(), 2);
+        let second = StoreFrame {
+            keys: store_keys("tg", "fleet", &imei, 4),
+            args: store_args(
+                &StoreArgs {
+                    recv_ms: 8,
+                    ..fixed
+                },
+                &[],
+            ),
+        };
+        assert_eq!(second.records(), 0);
+        let mut args: Vec<Vec<u8>> = Vec::new();
+        store_call_args(&fixed.settings(), &[&first, &second], |a| {
+            args.push(a.to_vec())
+        });
+        let (readings, dedup, seen) = (
+            "tg:{fleet:1}:readings",
+            "tg:{fleet:1}:dedup:356307042441013",
+            "tg:{fleet:1}:seen:356307042441013",
+        );
+        let head: Vec<&[u8]> = vec![
+            b"5",
+            readings.as_bytes(),
+            dedup.as_bytes(),
+            seen.as_bytes(),
+            dedup.as_bytes(),
+            seen.as_bytes(),
             b"10",
             b"128",
             b"1000",
+            b"3600000",
+            b"2",
             b"356307042441013",
             b"8E",
             b"5027",
             b"7",
             b"teltonika",
-            b"3600000",
         ];
-        assert_eq!(args[..STORE_FIXED_ARGS], fixed[..]);
-        assert_eq!(
-            args[STORE_FIXED_ARGS],
-            0x0545_1be8_7c41_fa7e_u64.to_be_bytes()
-        );
+        assert_eq!(args[..head.len()], head[..]);
+        let records = head.len();
+        assert_eq!(args[records], 0x0545_1be8_7c41_fa7e_u64.to_be_bytes());
         // The values are record_values, byte for byte.
-        for (record, at) in [
-            (rec(), STORE_FIXED_ARGS),
-            (other, STORE_FIXED_ARGS + STORE_ARGS_PER_RECORD),
-        ] {
+        for (record, at) in [(rec(), records), (other, records + STORE_ARGS_PER_RECORD)] {
             let values = record_values(&record);
             for (j, value) in values.iter().enumerate() {
                 assert_eq!(args[at + 1 + j], value.as_bytes(), "{}", RECORD_FIELDS[j]);
             }
         }
+        let tail: Vec<&[u8]> = vec![b"0", b"356307042441013", b"8E", b"5027", b"8", b"teltonika"];
+        assert_eq!(args[records + 2 * STORE_ARGS_PER_RECORD..], tail[..]);
     }
 
     /// GT06 entries spell the names they share with Teltonika entries the same (the GT06

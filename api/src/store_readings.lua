@@ -1,28 +1,36 @@
--- trackgate store_readings: stores one frame's records exactly once (see api/src/redis_layout.rs).
+-- trackgate store_readings: stores frames' records exactly once (see api/src/redis_layout.rs).
 --
--- KEYS[1]: the partition's readings stream; KEYS[2]: the device's dedup window (a string);
--- KEYS[3]: the device's dedup set of trackgate 0.1.0 (a sorted set, read and kept up to date
--- while a 0.1.0 listener may still serve the device: the upgrade path).
--- ARGV: maxlen, window (records), ttl_ms, imei, codec, port, recv, protocol, legacy_grace_ms,
---       then per record: its fingerprint (8 bytes) and the 10 field values, `ts` first.
--- The fingerprints of one call are distinct (the caller drops repeats within a frame).
+-- One call stores any number of frames for one readings partition, each frame from one device.
+-- KEYS[1]: the partition's readings stream; then per frame f, KEYS[2f]: the device's dedup
+-- window (a string) and KEYS[2f+1]: the device's dedup set of trackgate 0.1.0 (a sorted set,
+-- read and kept up to date while a 0.1.0 listener may still serve the device: the upgrade path).
+-- ARGV: maxlen, window (records), ttl_ms, legacy_grace_ms, then per frame: its record count n,
+--       imei, codec, port, recv, protocol, and n times a fingerprint (8 bytes) and the 10 field
+--       values, `ts` first.
+-- The fingerprints of one frame are distinct (the caller drops repeats within a frame).
 -- An empty codec means a frame whose empty values are left out of the entry (GT06: no
 -- `codec`, `alt`, `priority`, `event`); with a codec (Teltonika) every value is present.
--- Returns how many records were new (added to the stream).
+-- Returns, per frame, how many of its records were new (added to the stream), or the error
+-- that stopped that frame.
+--
+-- Frames are stored in order, each as if it had been called alone: a device may have two frames
+-- in one call (it reconnected while its first frame was on the way) and the second sees the
+-- first's records as stored; a frame Redis refuses (its window key of another type, say) fails
+-- alone, with what it had written before the error kept, as a call of its own would.
 --
 -- Run by hand (any 8 characters make a fingerprint):
 --   redis-cli --eval store_readings.lua 'trackgate:{fleet:1}:readings' \
 --     'trackgate:{fleet:1}:dedup:356307042441013' 'trackgate:{fleet:1}:seen:356307042441013' , \
---     1000000 128 604800000 356307042441013 8 5027 1700000000000 teltonika 3600000 \
+--     1000000 128 604800000 3600000 1 356307042441013 8 5027 1700000000000 teltonika \
 --     fp000001 1700000000000 54.6872345 -3.1000000 120 90 7 42 1 0 '{}'
 --
 -- The window: a 16-byte header (the newest `ts` stored, as a double; the next slot; the slots
 -- filled; the slot count; how many more writes until no fingerprint taken over from a 0.1.0 set
--- is left) and a
--- ring of 8-byte fingerprints: 1,040 bytes at 128, 1,368 B per device by MEMORY USAGE. A record newer than every record
--- stored is new without a lookup: with a device clock that runs forward, that is every record
--- but resends, so the ring is read only for those. Fingerprints taken over from a 0.1.0 set
--- come without their `ts`, so while any is still in the ring every record is looked up.
+-- is left) and a ring of 8-byte fingerprints: 1,040 bytes at 128, 1,368 B per device by
+-- MEMORY USAGE. A record newer than every record stored is new without a lookup: with a device
+-- clock that runs forward, that is every record but resends, so the ring is read only for those.
+-- Fingerprints taken over from a 0.1.0 set come without their `ts`, so while any is still in
+-- the ring every record is looked up.
 --
 -- The upgrade from 0.1.0: while a 0.1.0 listener has written the device's set within
 -- legacy_grace_ms, this script reads that set too and writes what 0.1.0 writes there, so a
@@ -30,36 +38,18 @@
 -- no 0.1.0 listener has written it for that long, its fingerprints move into the ring and the
 -- set is deleted.
 --
--- Cost is what this script is about (docs/benchmarks.md "Store"): number arguments to
--- redis.call are passed as strings (a Lua number is formatted with %.14g, costly), the entry
--- is one XADD with its fields spelled out, and the window is read and written in place.
+-- Cost is what this script is about (docs/benchmarks.md "Store"): one call carries many frames,
+-- number arguments to redis.call are passed as strings (a Lua number is formatted with %.14g,
+-- costly), the entry is one XADD with its fields spelled out, the stream is trimmed once per
+-- call, and the window is read and written in place. The per-frame state lives in the locals
+-- below, reset for each frame, rather than in closures made per frame.
 local A = ARGV
-local stream, dedup, legacy = KEYS[1], KEYS[2], KEYS[3]
-local maxlen, window, ttl = A[1], tonumber(A[2]), A[3]
-local imei, codec, port, recv, protocol = A[4], A[5], A[6], A[7], A[8]
+local stream, maxlen, window, ttl, grace = KEYS[1], A[1], tonumber(A[2]), A[3], tonumber(A[4])
 local HDR, W, FMT = 16, 8, '>dI2I2I2I2'
 
-local hwm, head, count, slots, imported = -1, 0, 0, window, 0
-local h = redis.call('GETRANGE', dedup, '0', '15')
-local exists = #h == HDR
-if exists then
-  hwm, head, count, slots, imported = struct.unpack(FMT, h)
-end
-local dirty = false
-if count > 0 and slots ~= window then
-  -- The window was resized: keep the newest fingerprints, oldest first, from slot 0.
-  local ring = redis.call('GETRANGE', dedup, '16', '-1')
-  local ordered = string.sub(ring, 1, count * W)
-  if count == slots then
-    ordered = string.sub(ring, head * W + 1, slots * W) .. string.sub(ring, 1, head * W)
-  end
-  count = math.min(count, window)
-  imported = math.min(imported, count)
-  head = count % window
-  redis.call('SET', dedup, struct.pack(FMT, hwm, head, count, window, imported)
-    .. string.sub(ordered, -count * W) .. string.rep('\0', (window - count) * W))
-  dirty = true
-end
+-- The frame being stored: its window key, its header, and its ring once read.
+local dedup, exists, dirty, ring
+local hwm, head, count, slots, imported
 
 -- Writes fingerprints fps[from..to] into the ring, oldest first.
 local function push(fps, from, to)
@@ -85,33 +75,6 @@ local function push(fps, from, to)
   dirty = true
 end
 
-local function hex(fp)
-  return string.format('%08x%08x', struct.unpack('>I4I4', fp))
-end
-
--- A 0.1.0 listener sets its set's TTL to ttl_ms on every write; this script never does, so
--- ttl_ms - PTTL is the time since a 0.1.0 listener last stored a record of this device.
-local dual = false
-local pttl = redis.call('PTTL', legacy)
-if pttl ~= -2 then
-  if pttl >= 0 and tonumber(ttl) - pttl < tonumber(A[9]) then
-    dual = true
-  else
-    local members = redis.call('ZRANGE', legacy, '0', '-1')
-    local fps = {}
-    for i, m in ipairs(members) do
-      fps[i] = struct.pack('>I4I4', tonumber(string.sub(m, 1, 8), 16),
-        tonumber(string.sub(m, 9, 16), 16))
-    end
-    push(fps, 1, #fps)
-    -- Until every slot now in the ring has been overwritten, a taken-over fingerprint may
-    -- still be there.
-    imported = count
-    redis.call('DEL', legacy)
-  end
-end
-
-local ring
 local function in_ring(fp)
   if count == 0 then return false end
   ring = ring or redis.call('GETRANGE', dedup, '16', '-1')
@@ -124,52 +87,124 @@ local function in_ring(fp)
   end
 end
 
-local fps, k, top = {}, 0, hwm
-for a = 10, #A, 11 do
-  local fp, ts = A[a], tonumber(A[a + 1])
-  local fresh = (ts > hwm and imported == 0) or not in_ring(fp)
-  if fresh and dual then
-    fresh = not redis.call('ZSCORE', legacy, hex(fp))
-  end
-  if fresh then
-    if codec ~= '' then
-      redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'imei', imei,
-        'ts', A[a + 1], 'lat', A[a + 2], 'lon', A[a + 3], 'alt', A[a + 4], 'angle', A[a + 5],
-        'sats', A[a + 6], 'speed', A[a + 7], 'priority', A[a + 8], 'event', A[a + 9],
-        'io', A[a + 10], 'codec', codec, 'protocol', protocol, 'port', port, 'recv', recv)
-    else
-      -- NB: built here, not per call: only frames without a codec (GT06) need the names.
-      local names = {'ts','lat','lon','alt','angle','sats','speed','priority','event','io'}
-      local e = {'imei', imei}
-      for j = 1, 10 do
-        if A[a + j] ~= '' then
-          e[#e + 1] = names[j]
-          e[#e + 1] = A[a + j]
-        end
-      end
-      e[#e + 1] = 'protocol'; e[#e + 1] = protocol
-      e[#e + 1] = 'port'; e[#e + 1] = port
-      e[#e + 1] = 'recv'; e[#e + 1] = recv
-      redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', unpack(e))
-    end
-    k = k + 1
-    fps[k] = fp
-    if ts > top then top = ts end
-  end
+local function hex(fp)
+  return string.format('%08x%08x', struct.unpack('>I4I4', fp))
 end
 
-push(fps, 1, k)
-if dirty then
-  imported = math.max(imported - k, 0)
-  redis.call('SETRANGE', dedup, '0', struct.pack(FMT, top, head, count, window, imported))
-  redis.call('PEXPIRE', dedup, ttl)
-end
-if dual and k > 0 then
-  -- Exactly what 0.1.0 writes, so a 0.1.0 listener sees these records as stored; the set's
-  -- TTL is left alone (see above).
-  redis.call('ZREMRANGEBYRANK', legacy, '0', string.format('%d', -(math.max(window - k, 0) + 1)))
-  for i = 1, k do
-    redis.call('ZADD', legacy, string.format('%d', tonumber(recv) * 1000 + i), hex(fps[i]))
+local NAMES = {'ts','lat','lon','alt','angle','sats','speed','priority','event','io'}
+
+-- Stores the frame whose count is A[a]; returns how many of its records were new.
+local function store(legacy, a)
+  local n, imei, codec, port, recv, protocol = tonumber(A[a]), A[a + 1], A[a + 2], A[a + 3],
+    A[a + 4], A[a + 5]
+  hwm, head, count, slots, imported = -1, 0, 0, window, 0
+  dirty, ring = false, nil
+  local h = redis.call('GETRANGE', dedup, '0', '15')
+  exists = #h == HDR
+  if exists then
+    hwm, head, count, slots, imported = struct.unpack(FMT, h)
   end
+  if count > 0 and slots ~= window then
+    -- The window was resized: keep the newest fingerprints, oldest first, from slot 0.
+    local old = redis.call('GETRANGE', dedup, '16', '-1')
+    local ordered = string.sub(old, 1, count * W)
+    if count == slots then
+      ordered = string.sub(old, head * W + 1, slots * W) .. string.sub(old, 1, head * W)
+    end
+    count = math.min(count, window)
+    imported = math.min(imported, count)
+    head = count % window
+    redis.call('SET', dedup, struct.pack(FMT, hwm, head, count, window, imported)
+      .. string.sub(ordered, -count * W) .. string.rep('\0', (window - count) * W))
+    dirty = true
+  end
+
+  -- A 0.1.0 listener sets its set's TTL to ttl_ms on every write; this script never does, so
+  -- ttl_ms - PTTL is the time since a 0.1.0 listener last stored a record of this device.
+  local dual = false
+  local pttl = redis.call('PTTL', legacy)
+  if pttl ~= -2 then
+    if pttl >= 0 and tonumber(ttl) - pttl < grace then
+      dual = true
+    else
+      local members = redis.call('ZRANGE', legacy, '0', '-1')
+      local fps = {}
+      for i, m in ipairs(members) do
+        fps[i] = struct.pack('>I4I4', tonumber(string.sub(m, 1, 8), 16),
+          tonumber(string.sub(m, 9, 16), 16))
+      end
+      push(fps, 1, #fps)
+      -- Until every slot now in the ring has been overwritten, a taken-over fingerprint may
+      -- still be there.
+      imported = count
+      redis.call('DEL', legacy)
+    end
+  end
+
+  local fps, k, top = {}, 0, hwm
+  for r = a + 6, a + 5 + 11 * n, 11 do
+    local fp, ts = A[r], tonumber(A[r + 1])
+    local fresh = (ts > hwm and imported == 0) or not in_ring(fp)
+    if fresh and dual then
+      fresh = not redis.call('ZSCORE', legacy, hex(fp))
+    end
+    if fresh then
+      if codec ~= '' then
+        redis.call('XADD', stream, '*', 'imei', imei,
+          'ts', A[r + 1], 'lat', A[r + 2], 'lon', A[r + 3], 'alt', A[r + 4], 'angle', A[r + 5],
+          'sats', A[r + 6], 'speed', A[r + 7], 'priority', A[r + 8], 'event', A[r + 9],
+          'io', A[r + 10], 'codec', codec, 'protocol', protocol, 'port', port, 'recv', recv)
+      else
+        local e = {'imei', imei}
+        for j = 1, 10 do
+          if A[r + j] ~= '' then
+            e[#e + 1] = NAMES[j]
+            e[#e + 1] = A[r + j]
+          end
+        end
+        e[#e + 1] = 'protocol'; e[#e + 1] = protocol
+        e[#e + 1] = 'port'; e[#e + 1] = port
+        e[#e + 1] = 'recv'; e[#e + 1] = recv
+        redis.call('XADD', stream, '*', unpack(e))
+      end
+      k = k + 1
+      fps[k] = fp
+      if ts > top then top = ts end
+    end
+  end
+
+  push(fps, 1, k)
+  if dirty then
+    imported = math.max(imported - k, 0)
+    redis.call('SETRANGE', dedup, '0', struct.pack(FMT, top, head, count, window, imported))
+    redis.call('PEXPIRE', dedup, ttl)
+  end
+  if dual and k > 0 then
+    -- Exactly what 0.1.0 writes, so a 0.1.0 listener sees these records as stored; the set's
+    -- TTL is left alone (see above).
+    redis.call('ZREMRANGEBYRANK', legacy, '0', string.format('%d', -(math.max(window - k, 0) + 1)))
+    for i = 1, k do
+      redis.call('ZADD', legacy, string.format('%d', tonumber(recv) * 1000 + i), hex(fps[i]))
+    end
+  end
+  return k
 end
-return k
+
+local stored, added, a = {}, 0, 5
+for f = 1, (#KEYS - 1) / 2 do
+  dedup = KEYS[2 * f]
+  local ok, k = pcall(store, KEYS[2 * f + 1], a)
+  if ok then
+    added = added + k
+  elseif type(k) ~= 'table' then
+    k = {err = 'ERR store_readings: ' .. tostring(k)}
+  end
+  -- A count, or the frame's error (from redis.call: a table with `err`).
+  stored[f] = k
+  a = a + 6 + 11 * tonumber(A[a])
+end
+if added > 0 then
+  -- Once per call rather than per XADD: the same approximate trim, one command.
+  redis.call('XTRIM', stream, 'MAXLEN', '~', maxlen)
+end
+return stored

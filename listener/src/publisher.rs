@@ -22,7 +22,7 @@ use trackgate_telemetry::{Health, Heartbeat};
 use crate::error::PublishError;
 use crate::metrics::Metrics;
 use crate::redis_conn::{RedisConn, check_durability};
-use crate::sink::{Job, MAX_BATCH_CALLS, SideWrite};
+use crate::sink::{Job, MAX_BATCH_CALLS, SideWrite, StoreCall, eval_cmd, script_cmd};
 
 /// Readiness name of the Redis condition (reachable).
 pub(crate) const REDIS_READY: &str = "redis";
@@ -35,6 +35,12 @@ pub(crate) const DURABILITY_READY: &str = "redis-durability";
 /// with its own reply, so batches may finish in any order; a device has one frame in flight,
 /// so none of its frames can overtake another.
 const PIPELINES_IN_FLIGHT: usize = 4;
+
+/// Frames in one script call at most. A call's fixed cost (the command, the script's set-up,
+/// the reply) spread over more frames: at 1 record per frame that cost is most of a frame's
+/// (docs/benchmarks.md "Store"). Few enough that a call, which holds Redis while it runs,
+/// stays around a millisecond at 10 records per frame.
+const FRAMES_PER_CALL: usize = 16;
 
 /// Side-write pipelines in flight at once: they are best effort and must not crowd the data
 /// path's connection.
@@ -198,37 +204,70 @@ impl Batcher {
         self.health.set_condition(DURABILITY_READY, state);
     }
 
-    async fn send_batch(self, jobs: Vec<Job>) {
-        // One pipeline per durability (one wait each) and, on a cluster, per partition.
+    async fn send_batch(self, mut jobs: Vec<Job>) {
+        // One pipeline per durability (one wait each) and, on a cluster, per partition; in it,
+        // one script call per partition. The sort is stable: two frames of one device (it
+        // reconnected while its first was on the way) keep their order.
         let cluster = self.conn.is_cluster();
-        let mut groups: BTreeMap<(Durability, String), Vec<Job>> = BTreeMap::new();
+        jobs.sort_by(|a, b| {
+            let (a, b) = (&a.call, &b.call);
+            (a.durability, a.frame.readings(), a.settings).cmp(&(
+                b.durability,
+                b.frame.readings(),
+                b.settings,
+            ))
+        });
+        let mut groups: Vec<Vec<Job>> = Vec::new();
         for job in jobs {
-            let slot = if cluster {
-                job.call.keys.first().cloned().unwrap_or_default()
-            } else {
-                String::new()
-            };
-            groups
-                .entry((job.call.durability, slot))
-                .or_default()
-                .push(job);
+            match groups.last_mut() {
+                Some(group)
+                    if group[0].call.durability == job.call.durability
+                        && (!cluster
+                            || group[0].call.frame.readings() == job.call.frame.readings()) =>
+                {
+                    group.push(job);
+                }
+                _ => groups.push(vec![job]),
+            }
         }
-        let sends = groups.into_iter().map(|((durability, _), jobs)| {
-            let batcher = self.clone();
-            batcher.send_group(jobs, durability)
+        let sends = groups.into_iter().map(|jobs| {
+            let durability = jobs[0].call.durability;
+            self.clone().send_group(jobs, durability, FRAMES_PER_CALL)
         });
         futures::future::join_all(sends).await;
     }
 
-    async fn send_group(mut self, jobs: Vec<Job>, durability: Durability) {
-        let cmds = jobs.iter().map(|j| j.call.cmd(&self.script)).collect();
+    /// Sends `jobs` as one pipeline of script calls of up to `frames_per_call` frames each.
+    /// The script answers each frame on its own, so a frame Redis refuses (a dedup key of
+    /// the wrong type, say) fails alone. A call that fails as a whole (a redirect on a
+    /// cluster, say) is retried frame by frame; a frame it had stored is then a resend,
+    /// stored once.
+    async fn send_group(mut self, jobs: Vec<Job>, durability: Durability, frames_per_call: usize) {
+        let mut calls: Vec<std::ops::Range<usize>> = Vec::new();
+        for (i, job) in jobs.iter().enumerate() {
+            match calls.last_mut() {
+                Some(call)
+                    if call.len() < frames_per_call && jobs[call.start].call.joins(&job.call) =>
+                {
+                    call.end = i + 1;
+                }
+                _ => calls.push(i..i + 1),
+            }
+        }
+        let frames = |call: &std::ops::Range<usize>| -> Vec<&StoreCall> {
+            jobs[call.clone()].iter().map(|j| &*j.call).collect()
+        };
+        let cmds = calls
+            .iter()
+            .map(|call| script_cmd(&self.script, &frames(call)))
+            .collect();
         let results = match self.pipeline(cmds, durability).await {
             Ok(results) => results,
             Err(err @ PublishError::Server(_)) if self.conn.is_cluster() && jobs.len() > 1 => {
-                tracing::debug!(%err, calls = jobs.len(), "cluster pipeline failed: retrying its calls one by one");
+                tracing::debug!(%err, frames = jobs.len(), "cluster pipeline failed: retrying its frames one by one");
                 let singles = jobs.into_iter().map(|job| {
                     let batcher = self.clone();
-                    Box::pin(batcher.send_group(vec![job], durability))
+                    Box::pin(batcher.send_group(vec![job], durability, 1))
                 });
                 futures::future::join_all(singles).await;
                 return;
@@ -248,7 +287,10 @@ impl Batcher {
             .filter(|&i| is_noscript(&results[i]))
             .collect();
         if !noscript.is_empty() {
-            let cmds = noscript.iter().map(|&i| jobs[i].call.eval_cmd()).collect();
+            let cmds = noscript
+                .iter()
+                .map(|&i| eval_cmd(&frames(&calls[i])))
+                .collect();
             let retried = self.pipeline(cmds, durability).await;
             for (k, &i) in noscript.iter().enumerate() {
                 results[i] = match &retried {
@@ -264,15 +306,45 @@ impl Batcher {
                 };
             }
         }
-        for (job, result) in jobs.into_iter().zip(results) {
-            let outcome = match result {
-                Ok(Value::Int(n)) => Ok(u32::try_from(n).unwrap_or(0)),
-                Ok(other) => Err(PublishError::Server(format!(
-                    "unexpected script reply {other:?}"
-                ))),
-                Err(err) => Err(PublishError::from_redis(&err)),
-            };
-            let _ = job.reply.send(outcome);
+        let mut jobs = jobs.into_iter();
+        let mut alone = Vec::new();
+        for (call, result) in calls.iter().zip(results) {
+            let call_jobs = jobs.by_ref().take(call.len());
+            match result {
+                Ok(Value::Array(counts)) if counts.len() == call.len() => {
+                    for (job, count) in call_jobs.zip(counts) {
+                        let outcome = match count {
+                            Value::Int(n) => Ok(u32::try_from(n).unwrap_or(0)),
+                            // This frame alone failed (the script catches each frame's error).
+                            Value::ServerError(err) => {
+                                Err(PublishError::from_redis(&redis::RedisError::from(err)))
+                            }
+                            other => Err(PublishError::Server(format!(
+                                "unexpected script reply {other:?}"
+                            ))),
+                        };
+                        let _ = job.reply.send(outcome);
+                    }
+                }
+                Err(err) if call.len() > 1 => {
+                    tracing::debug!(%err, frames = call.len(), "store call failed: retrying its frames one by one");
+                    alone.extend(call_jobs);
+                }
+                result => {
+                    let err = match result {
+                        Err(err) => PublishError::from_redis(&err),
+                        Ok(other) => {
+                            PublishError::Server(format!("unexpected script reply {other:?}"))
+                        }
+                    };
+                    for job in call_jobs {
+                        let _ = job.reply.send(Err(err.clone()));
+                    }
+                }
+            }
+        }
+        if !alone.is_empty() {
+            Box::pin(self.send_group(alone, durability, 1)).await;
         }
     }
 

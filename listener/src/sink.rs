@@ -37,7 +37,9 @@ use redis::{Cmd, Script};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use trackgate_api::Durability;
-use trackgate_api::redis_layout::{self as layout, STORE_READINGS_LUA, StoreArgs, StoreCallArgs};
+use trackgate_api::redis_layout::{
+    self as layout, STORE_READINGS_LUA, StoreArgs, StoreFrame, StoreSettings,
+};
 use trackgate_protocol::{AvlRecord, Codec, Imei};
 use trackgate_telemetry::Health;
 
@@ -109,8 +111,8 @@ const TELTONIKA: &str = "teltonika";
 /// One frame's records, ready to send (kept for retries: same keys, same `recv`).
 #[derive(Debug)]
 pub(crate) struct StoreCall {
-    pub(crate) keys: [String; 3],
-    args: StoreCallArgs,
+    pub(crate) frame: StoreFrame,
+    pub(crate) settings: StoreSettings,
     pub(crate) durability: Durability,
 }
 
@@ -118,26 +120,35 @@ impl StoreCall {
     /// Number of records in the call (a record repeated within the frame counts once).
     #[cfg(test)]
     pub(crate) fn records(&self) -> usize {
-        self.args.records()
+        self.frame.records()
     }
 
-    pub(crate) fn cmd(&self, script: &Script) -> Cmd {
-        self.with_script("EVALSHA", script.get_hash())
+    /// Whether `other` may share a script call with this one: same stream, same settings.
+    pub(crate) fn joins(&self, other: &StoreCall) -> bool {
+        self.frame.readings() == other.frame.readings() && self.settings == other.settings
     }
+}
 
-    /// The same call with the script's text (after `NOSCRIPT`).
-    pub(crate) fn eval_cmd(&self) -> Cmd {
-        self.with_script("EVAL", STORE_READINGS_LUA)
-    }
+/// One `EVALSHA` of the store script for `calls`, which all [`StoreCall::joins`] the first.
+pub(crate) fn script_cmd(script: &Script, calls: &[&StoreCall]) -> Cmd {
+    with_script("EVALSHA", script.get_hash(), calls)
+}
 
-    fn with_script(&self, name: &str, script: &str) -> Cmd {
-        let mut cmd = redis::cmd(name);
-        cmd.arg(script).arg(self.keys.len()).arg(&self.keys[..]);
-        for arg in self.args.iter() {
+/// The same call with the script's text (after `NOSCRIPT`).
+pub(crate) fn eval_cmd(calls: &[&StoreCall]) -> Cmd {
+    with_script("EVAL", STORE_READINGS_LUA, calls)
+}
+
+fn with_script(name: &str, script: &str, calls: &[&StoreCall]) -> Cmd {
+    let mut cmd = redis::cmd(name);
+    cmd.arg(script);
+    let frames: Vec<&StoreFrame> = calls.iter().map(|c| &c.frame).collect();
+    if let Some(first) = calls.first() {
+        layout::store_call_args(&first.settings, &frames, |arg| {
             cmd.arg(arg);
-        }
-        cmd
+        });
     }
+    cmd
 }
 
 pub(crate) struct Job {
@@ -308,25 +319,17 @@ impl Sink {
         records: &[AvlRecord],
         recv_ms: u64,
     ) -> Arc<StoreCall> {
-        let call_keys = layout::store_keys(&keys.prefix, &keys.pool, imei, keys.partitions);
-        let args = layout::store_args(
-            &StoreArgs {
-                max_len: keys.max_len,
-                dedup_records: self.dedup_records,
-                dedup_ttl_ms: self.dedup_ttl_ms,
-                imei: imei.as_str(),
-                codec: codec.label(),
-                port,
-                recv_ms,
-                protocol: TELTONIKA,
-            },
-            records,
-        );
-        Arc::new(StoreCall {
-            keys: call_keys,
-            args,
-            durability: keys.durability,
-        })
+        let fixed = StoreArgs {
+            max_len: keys.max_len,
+            dedup_records: self.dedup_records,
+            dedup_ttl_ms: self.dedup_ttl_ms,
+            imei: imei.as_str(),
+            codec: codec.label(),
+            port,
+            recv_ms,
+            protocol: TELTONIKA,
+        };
+        self.call(keys, imei, &fixed, layout::store_args(&fixed, records))
     }
 
     /// Builds the script call for one GT06 location (`protocol=gt06`, no `codec`).
@@ -338,23 +341,33 @@ impl Sink {
         location: &trackgate_protocol::gt06::Location,
         recv_ms: u64,
     ) -> Arc<StoreCall> {
-        let call_keys = layout::store_keys(&keys.prefix, &keys.pool, imei, keys.partitions);
-        let args = layout::gt06_store_args(
-            &StoreArgs {
-                max_len: keys.max_len,
-                dedup_records: self.dedup_records,
-                dedup_ttl_ms: self.dedup_ttl_ms,
-                imei: imei.as_str(),
-                codec: "",
-                port,
-                recv_ms,
-                protocol: trackgate_protocol::gt06::PROTOCOL,
-            },
-            std::slice::from_ref(location),
-        );
+        let fixed = StoreArgs {
+            max_len: keys.max_len,
+            dedup_records: self.dedup_records,
+            dedup_ttl_ms: self.dedup_ttl_ms,
+            imei: imei.as_str(),
+            codec: "",
+            port,
+            recv_ms,
+            protocol: trackgate_protocol::gt06::PROTOCOL,
+        };
+        let args = layout::gt06_store_args(&fixed, std::slice::from_ref(location));
+        self.call(keys, imei, &fixed, args)
+    }
+
+    fn call(
+        &self,
+        keys: &ShardKeys,
+        imei: &Imei,
+        fixed: &StoreArgs<'_>,
+        args: layout::PackedArgs,
+    ) -> Arc<StoreCall> {
         Arc::new(StoreCall {
-            keys: call_keys,
-            args,
+            frame: StoreFrame {
+                keys: layout::store_keys(&keys.prefix, &keys.pool, imei, keys.partitions),
+                args,
+            },
+            settings: fixed.settings(),
             durability: keys.durability,
         })
     }

@@ -4,7 +4,8 @@
 //! `RPF` records in turn; every frame becomes the command a listener would send for it:
 //!
 //! - `current`: `EVALSHA <sha>` of today's store script, built by the listener's own code
-//!   (`redis_layout::store_keys` and `store_args`);
+//!   (`redis_layout::store_keys`, `store_args` and `store_call_args`), with up to `FPC` frames
+//!   (default 16) of one partition in a call, as the publisher puts the frames of one pipeline;
 //! - `v1`: `EVALSHA` of trackgate 0.1.0's script (`tests/fixtures/store_readings_v1.lua`) with
 //!   the arguments 0.1.0 sent;
 //! - `xadd`: the same entries as plain `XADD`s (no dedup): the cost of storing alone.
@@ -19,7 +20,7 @@
 
 use std::io::Write;
 
-use trackgate_api::redis_layout::{self as layout, StoreArgs};
+use trackgate_api::redis_layout::{self as layout, StoreArgs, StoreFrame};
 use trackgate_protocol::{Codec, Imei};
 use trackgate_simulator::{SplitMix64, Track};
 
@@ -53,6 +54,9 @@ fn main() -> Result<()> {
     let devices = env("DEVICES", 200);
     let rpf = env("RPF", 10);
     let partitions = u32::try_from(env("PARTITIONS", 4))?;
+    let frames_per_call = usize::try_from(env("FPC", 16))?.max(1);
+    // `current`: the frames waiting for their partition's call.
+    let mut pending: Vec<Vec<StoreFrame>> = (0..partitions).map(|_| Vec::new()).collect();
     if variant != "xadd" && sha.is_empty() {
         return Err("current and v1 need the script's sha (SCRIPT LOAD prints it)".into());
     }
@@ -90,12 +94,25 @@ fn main() -> Result<()> {
         let mut cmds = Vec::new();
         match variant.as_str() {
             "current" => {
-                let mut cmd = redis::cmd("EVALSHA");
-                cmd.arg(&sha).arg(keys.len()).arg(&keys[..]);
-                for arg in layout::store_args(&fixed, &records).iter() {
-                    cmd.arg(arg);
+                let partition = usize::try_from(layout::partition_of(imei, partitions))?;
+                pending[partition].push(StoreFrame {
+                    args: layout::store_args(&fixed, &records),
+                    keys,
+                });
+                // Every partition's call is closed at the end of the warm-up and of the run.
+                let last = frame + 1 == warm || frame + 1 == frames;
+                for waiting in &mut pending {
+                    if waiting.len() == frames_per_call || (last && !waiting.is_empty()) {
+                        let mut cmd = redis::cmd("EVALSHA");
+                        cmd.arg(&sha);
+                        let call: Vec<&StoreFrame> = waiting.iter().collect();
+                        layout::store_call_args(&fixed.settings(), &call, |arg| {
+                            cmd.arg(arg);
+                        });
+                        cmds.push(cmd);
+                        waiting.clear();
+                    }
                 }
-                cmds.push(cmd);
             }
             "v1" => {
                 let mut cmd = redis::cmd("EVALSHA");

@@ -757,6 +757,115 @@ async fn dedup_window_is_bounded() {
     assert!(h.shutdown().await);
 }
 
+// === Many frames in one store call ===
+
+/// Frames that wait for Redis together go in one store call per partition. One device among
+/// them whose dedup window Redis refuses (its key overwritten by hand with a list) fails alone:
+/// every other frame of the call is stored once and acked with its own count, the refused
+/// one is not acked and not stored.
+#[tokio::test]
+async fn a_frame_redis_refuses_fails_alone_in_a_call_of_many() {
+    const DEVICES: u64 = 12;
+    // Four apart: every device in partition 1 of 4, so all frames can share a call.
+    let imeis: Vec<String> = (0..DEVICES)
+        .map(|d| (356_307_042_441_013 + 4 * d).to_string())
+        .collect();
+    let ports = free_ports(1);
+    let config = ShardConfig::shared(POOL, 0, ports.iter().copied(), imeis.iter().cloned());
+    let Some(h) = Harness::start(config).await else {
+        return;
+    };
+    let mut devices = Vec::new();
+    for imei in &imeis {
+        devices.push(Device::logged_in(h.addr(ports[0]), imei).await);
+    }
+    let poison = imeis.last().unwrap();
+    let poison_key = &keys::store_keys("trackgate", POOL, &Imei::parse(poison).unwrap(), 4)[1];
+    let mut redis = h.redis().await;
+    for (name, value) in [
+        ("slowlog-log-slower-than", "0"),
+        ("slowlog-max-len", "10000"),
+    ] {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
+    let _: () = redis::cmd("RPUSH")
+        .arg(poison_key)
+        .arg("not a window")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    // Hold Redis for 300 ms (a busy script) so the frames queue up behind it and go out
+    // together.
+    let mut busy = redis::cmd("EVAL");
+    busy.arg(
+        "local t = redis.call('TIME') local t0 = t[1] * 1e6 + t[2]
+         repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - t0 > 300000 return 0",
+    )
+    .arg(0);
+    let mut blocker = h.redis().await;
+    let held = tokio::spawn(async move { busy.query_async::<i64>(&mut blocker).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The refused device's frame goes last, so frames before it in the call are stored
+    // before it fails.
+    for (i, device) in devices.iter_mut().enumerate() {
+        device
+            .send_packet(&packet(Codec::Codec8, 0..i as u32 + 1))
+            .await;
+    }
+    let (refused, good) = devices.split_last_mut().unwrap();
+    for (i, device) in good.iter_mut().enumerate() {
+        assert_eq!(device.ack().await, Some(i as u32 + 1), "device {i}");
+    }
+    assert!(held.await.unwrap().is_ok());
+    assert!(refused.is_closed().await, "a refused frame is never acked");
+    for (i, imei) in imeis[..imeis.len() - 1].iter().enumerate() {
+        assert_eq!(h.readings(imei).await.len(), i + 1, "device {i}");
+    }
+    assert!(h.readings(poison).await.is_empty());
+    assert_eq!(
+        h.metric("trackgate_listener_duplicate_records_total", &[]),
+        0.0,
+        "each stored frame counted once as new"
+    );
+    // The refused frame went out in one call with others: the slow log (every command, from
+    // before the frames were sent) holds a store call with several frames and its key.
+    let log: Vec<redis::Value> = redis::cmd("SLOWLOG")
+        .arg("GET")
+        .arg(10_000)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let store = redis::Script::new(keys::STORE_READINGS_LUA);
+    let shared_call = log.iter().any(|entry| {
+        let redis::Value::Array(fields) = entry else {
+            return false;
+        };
+        let Some(redis::Value::Array(args)) = fields.get(3) else {
+            return false;
+        };
+        let args: Vec<String> = args
+            .iter()
+            .filter_map(|a| redis::from_redis_value_ref::<String>(a).ok())
+            .collect();
+        args.len() > 3
+            && args[0] == "EVALSHA"
+            && args[1] == store.get_hash()
+            && args[2].parse::<usize>().is_ok_and(|keys| keys >= 5)
+            && args.contains(poison_key)
+    });
+    assert!(
+        shared_call,
+        "no store call carried the refused frame with others"
+    );
+    assert!(h.shutdown().await);
+}
+
 // === Redis down ===
 
 /// Redis killed: the frame is not acked and the connection is closed after the retry bound;

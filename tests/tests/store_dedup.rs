@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 use redis::Commands;
 use trackgate_api::redis_layout::{
-    self as layout, LEGACY_DEDUP_GRACE_MS, STORE_READINGS_LUA, StoreArgs,
+    self as layout, LEGACY_DEDUP_GRACE_MS, STORE_READINGS_LUA, StoreArgs, StoreFrame,
 };
 use trackgate_protocol::{AvlRecord, Imei, IoElement, IoValue};
 use trackgate_tests::{RedisServer, workspace_root};
@@ -38,6 +38,46 @@ fn record(id: u16, ts: u64) -> AvlRecord {
     }
 }
 
+fn fixed(imei: &Imei, window: u32, recv_ms: u64) -> StoreArgs<'_> {
+    StoreArgs {
+        max_len: 1_000_000,
+        dedup_records: window,
+        dedup_ttl_ms: TTL_MS,
+        imei: imei.as_str(),
+        codec: "8",
+        port: 5027,
+        recv_ms,
+        protocol: "teltonika",
+    }
+}
+
+/// One call of the current script for `frames` (devices of one partition), as the listener's
+/// publisher makes it: how many records of each frame were new.
+fn store_call(
+    conn: &mut redis::Connection,
+    prefix: &str,
+    window: u32,
+    frames: &[(&Imei, &[AvlRecord])],
+) -> Vec<u32> {
+    let frames: Vec<StoreFrame> = frames
+        .iter()
+        .map(|(imei, records)| StoreFrame {
+            keys: layout::store_keys(prefix, POOL, imei, PARTITIONS),
+            args: layout::store_args(&fixed(imei, window, 1_700_000_000_000), records),
+        })
+        .collect();
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(STORE_READINGS_LUA);
+    let refs: Vec<&StoreFrame> = frames.iter().collect();
+    let settings = fixed(&Imei::parse("356307042441013").expect("imei"), window, 0).settings();
+    layout::store_call_args(&settings, &refs, |arg| {
+        cmd.arg(arg);
+    });
+    let counts: Vec<u32> = cmd.query(conn).expect("store_readings");
+    assert_eq!(counts.len(), frames.len(), "a count per frame");
+    counts
+}
+
 /// One device's store calls, as a listener of either version makes them.
 struct Store {
     conn: redis::Connection,
@@ -62,30 +102,20 @@ impl Store {
     }
 
     fn fixed(&self, recv_ms: u64) -> StoreArgs<'_> {
-        StoreArgs {
-            max_len: 1_000_000,
-            dedup_records: self.window,
-            dedup_ttl_ms: TTL_MS,
-            imei: self.imei.as_str(),
-            codec: "8",
-            port: 5027,
-            recv_ms,
-            protocol: "teltonika",
-        }
+        fixed(&self.imei, self.window, recv_ms)
     }
 
-    /// The current script, as today's listener calls it: how many records were new.
+    /// The current script, as today's listener calls it for a frame alone: how many records
+    /// were new.
     fn store(&mut self, records: &[AvlRecord]) -> u32 {
-        let keys = layout::store_keys(PREFIX, POOL, &self.imei, PARTITIONS);
-        let args = layout::store_args(&self.fixed(1_700_000_000_000), records);
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(STORE_READINGS_LUA).arg(keys.len()).arg(&keys[..]);
-        for arg in args.iter() {
-            cmd.arg(arg);
-        }
-        cmd.query(&mut self.conn).expect("store_readings")
+        let counts = store_call(
+            &mut self.conn,
+            PREFIX,
+            self.window,
+            &[(&self.imei, records)],
+        );
+        counts[0]
     }
-
     /// The 0.1.0 script, with the arguments a 0.1.0 listener sent.
     fn store_legacy(&mut self, records: &[AvlRecord]) -> u32 {
         let [readings, _, seen] = layout::store_keys(PREFIX, POOL, &self.imei, PARTITIONS);
@@ -158,8 +188,9 @@ fn step() -> impl Strategy<Value = Step> {
     ]
 }
 
-/// Plays `steps` against the store: returns the records sent (by id, in first-sent order).
-fn play(store: &mut Store, steps: &[Step], window: usize) -> Vec<u16> {
+/// The frames a device sends for `steps`, each with how many of its records were never sent
+/// before.
+fn frames(steps: &[Step], window: usize) -> Vec<(Vec<AvlRecord>, usize)> {
     let mut sent: Vec<AvlRecord> = Vec::new();
     let mut ts: i64 = 1_700_000_000_000;
     let mut next_id: u16 = 0;
@@ -168,6 +199,7 @@ fn play(store: &mut Store, steps: &[Step], window: usize) -> Vec<u16> {
         next_id += 1;
         record(next_id, u64::try_from(*ts).unwrap_or(0))
     };
+    let mut frames = Vec::new();
     for step in steps {
         let frame: Vec<AvlRecord> = match *step {
             Step::New { n, ts_step } => (0..n).map(|_| fresh_record(&mut ts, ts_step)).collect(),
@@ -180,22 +212,56 @@ fn play(store: &mut Store, steps: &[Step], window: usize) -> Vec<u16> {
                 frame
             }
         };
-        let new_in_frame = frame
-            .iter()
-            .filter(|r| !sent.iter().any(|s| s.speed == r.speed))
-            .count();
+        let mut new_in_frame = 0;
+        for r in &frame {
+            if !sent.iter().any(|s| s.speed == r.speed) {
+                sent.push(r.clone());
+                new_in_frame += 1;
+            }
+        }
+        frames.push((frame, new_in_frame));
+    }
+    frames
+}
+
+/// Plays `steps` against the store, one frame per call: returns the records sent (by id, in
+/// first-sent order).
+fn play(store: &mut Store, steps: &[Step], window: usize) -> Vec<u16> {
+    let mut sent = Vec::new();
+    for (step, (frame, new_in_frame)) in steps.iter().zip(frames(steps, window)) {
         let stored = store.store(&frame);
         assert_eq!(
             stored as usize, new_in_frame,
             "frame {step:?}: {stored} stored, {new_in_frame} were new"
         );
         for r in frame {
-            if !sent.iter().any(|s| s.speed == r.speed) {
-                sent.push(r);
+            if !sent.contains(&r.speed) {
+                sent.push(r.speed);
             }
         }
     }
-    sent.iter().map(|r| r.speed).collect()
+    sent
+}
+
+/// Everything the store keeps under `prefix` for `imeis`: each partition's entries (without
+/// their ids) and each device's window, byte for byte.
+fn store_state(conn: &mut redis::Connection, prefix: &str, imeis: &[Imei]) -> Vec<Vec<u8>> {
+    let mut state = Vec::new();
+    for partition in 0..PARTITIONS {
+        let key = layout::readings_key(prefix, POOL, partition);
+        let entries: redis::streams::StreamRangeReply = conn.xrange_all(key).expect("xrange");
+        for entry in entries.ids {
+            let mut fields: Vec<(String, redis::Value)> = entry.map.into_iter().collect();
+            fields.sort_by(|a, b| a.0.cmp(&b.0));
+            state.push(format!("{partition} {fields:?}").into_bytes());
+        }
+    }
+    for imei in imeis {
+        let key = &layout::store_keys(prefix, POOL, imei, PARTITIONS)[1];
+        let window: Vec<u8> = conn.get(key).expect("get window");
+        state.push(window);
+    }
+    state
 }
 
 proptest! {
@@ -217,6 +283,63 @@ proptest! {
         prop_assert!(stored.values().all(|&n| n == 1), "stored twice: {:?}", stored);
         let window_bytes = if sent.is_empty() { 0 } else { 16 + 8 * window as usize };
         prop_assert_eq!(store.dedup_len(), window_bytes);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// A call of many frames, from several devices of one partition and with a device's
+    /// consecutive frames in one call (a reconnect), stores exactly what the same frames
+    /// called one at a time store: the same counts, the same entries in the same order, the
+    /// same windows byte for byte.
+    #[test]
+    fn a_call_of_many_frames_stores_what_its_frames_store_one_by_one(
+        window in 1u32..12,
+        devices in proptest::collection::vec(proptest::collection::vec(step(), 1..10), 1..4),
+        order in proptest::collection::vec(0usize..4, 0..30),
+        calls in proptest::collection::vec(1usize..7, 1..30),
+    ) {
+        let Some(server) = RedisServer::start() else { return Ok(()) };
+        let client = redis::Client::open(server.url()).expect("redis url");
+        let mut conn = client.get_connection().expect("connect to redis");
+        // IMEIs four apart share a partition.
+        let imeis: Vec<Imei> = (0..devices.len() as u64)
+            .map(|d| Imei::parse(&format!("{}", 356_307_042_441_013 + 4 * d)).expect("imei"))
+            .collect();
+        let mut pending: Vec<std::collections::VecDeque<(Vec<AvlRecord>, usize)>> = devices
+            .iter()
+            .map(|steps| frames(steps, window as usize).into())
+            .collect();
+        // The devices' frames interleaved as `order` says, then whatever is left.
+        let mut sequence: Vec<(usize, Vec<AvlRecord>)> = Vec::new();
+        let rest = (0..devices.len()).flat_map(|d| std::iter::repeat_n(d, 10));
+        for d in order.into_iter().map(|d| d % devices.len()).chain(rest) {
+            if let Some((frame, _)) = pending[d].pop_front() {
+                sequence.push((d, frame));
+            }
+        }
+        let one_by_one: Vec<u32> = sequence
+            .iter()
+            .flat_map(|(d, frame)| store_call(&mut conn, "alone", window, &[(&imeis[*d], frame)]))
+            .collect();
+        let mut together = Vec::new();
+        let mut sizes = calls.into_iter().cycle();
+        let mut at = 0;
+        while at < sequence.len() {
+            let end = (at + sizes.next().unwrap_or(1)).min(sequence.len());
+            let call: Vec<(&Imei, &[AvlRecord])> = sequence[at..end]
+                .iter()
+                .map(|(d, frame)| (&imeis[*d], frame.as_slice()))
+                .collect();
+            together.extend(store_call(&mut conn, "together", window, &call));
+            at = end;
+        }
+        prop_assert_eq!(&together, &one_by_one);
+        prop_assert_eq!(
+            store_state(&mut conn, "together", &imeis),
+            store_state(&mut conn, "alone", &imeis)
+        );
     }
 }
 
