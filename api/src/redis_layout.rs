@@ -864,7 +864,7 @@ mod tests {
             .collect::<Vec<_>>()
             .join(",");
         assert!(
-            STORE_READINGS_LUA.contains(&format!("local NAMES = {{{names}}}")),
+            STORE_READINGS_LUA.contains(&format!("local names = {{{names}}}")),
             "store_readings.lua's names differ from RECORD_FIELDS"
         );
         for field in [FIELD_IMEI, FIELD_CODEC, FIELD_PORT, FIELD_RECV] {
@@ -876,23 +876,21 @@ mod tests {
         // Where the script finds a call's first frame, a frame's records and the next frame.
         let (fixed, per) = (STORE_FRAME_ARGS, STORE_ARGS_PER_RECORD);
         for layout in [
-            format!("local stored, added, a = {{}}, 0, {}", STORE_CALL_ARGS + 1),
-            format!(
-                "for r = a + {fixed}, a + {} + {per} * n, {per} do",
-                fixed - 1
-            ),
-            format!("a = a + {fixed} + {per} * tonumber(A[a])"),
+            format!("local stored, a = {{}}, {}", STORE_CALL_ARGS + 1),
+            format!("local first, last = a + {fixed}, a + {} + {per} * n", fixed - 1),
+            "a = last + 1".to_owned(),
+            format!("for r = first, last, {per} do"),
         ] {
             assert!(STORE_READINGS_LUA.contains(&layout), "{layout}");
         }
         // The spelled-out XADD of frames with a codec names every field, in the same order.
-        let spelled: Vec<String> = std::iter::once(FIELD_IMEI)
-            .chain(RECORD_FIELDS)
+        let spelled: Vec<String> = RECORD_FIELDS
+            .into_iter()
             .chain([FIELD_CODEC, "protocol", FIELD_PORT, FIELD_RECV])
             .map(|f| format!("'{f}'"))
             .collect();
         let xadd = STORE_READINGS_LUA
-            .split("redis.call('XADD'")
+            .split("xadd('imei'")
             .nth(1)
             .unwrap_or_default();
         let mut at = 0;
