@@ -146,8 +146,9 @@ impl PackedArgs {
 /// One device's frame, ready to go into a store call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreFrame {
-    /// [`store_keys`] of the device: the first is the call's readings stream.
-    pub keys: [String; 3],
+    /// [`store_keys`] of the device: the first is the call's readings stream. Shared: a
+    /// session computes its device's keys once, not per frame.
+    pub keys: std::sync::Arc<[String; 3]>,
     /// From [`store_args`] or [`gt06_store_args`].
     pub args: PackedArgs,
 }
@@ -877,7 +878,10 @@ mod tests {
         let (fixed, per) = (STORE_FRAME_ARGS, STORE_ARGS_PER_RECORD);
         for layout in [
             format!("local stored, a = {{}}, {}", STORE_CALL_ARGS + 1),
-            format!("local first, last = a + {fixed}, a + {} + {per} * n", fixed - 1),
+            format!(
+                "local first, last = a + {fixed}, a + {} + {per} * n",
+                fixed - 1
+            ),
             "a = last + 1".to_owned(),
             format!("for r = first, last, {per} do"),
         ] {
@@ -918,12 +922,12 @@ mod tests {
         other.timestamp_ms += 1000;
         // The repeated record is sent once.
         let first = StoreFrame {
-            keys: store_keys("tg", "fleet", &imei, 4),
+            keys: store_keys("tg", "fleet", &imei, 4).into(),
             args: store_args(&fixed, &[rec(), rec(), other.clone()]),
         };
         assert_eq!(first.records(), 2);
         let second = StoreFrame {
-            keys: store_keys("tg", "fleet", &imei, 4),
+            keys: store_keys("tg", "fleet", &imei, 4).into(),
             args: store_args(
                 &StoreArgs {
                     recv_ms: 8,

@@ -28,7 +28,7 @@ use crate::command::{CommandLink, Commands, Outgoing};
 use crate::config::{Admission, ShardView};
 use crate::error::{CloseReason, PublishError};
 use crate::metrics::Metrics;
-use crate::sink::{Event, ShardKeys, Sink, StoreCall, now_ms};
+use crate::sink::{Event, ShardKeys, Sink, StoreCall};
 
 mod gt06;
 mod protocol;
@@ -85,6 +85,7 @@ where
         peer,
         port,
         imei: None,
+        device_keys: None,
         ctx,
     };
     session.event(Event::Connect);
@@ -133,6 +134,8 @@ struct Session<S> {
     peer: SocketAddr,
     port: u16,
     imei: Option<Imei>,
+    /// The device's store keys, made at its first frame.
+    device_keys: Option<Arc<[String; 3]>>,
     ctx: Arc<ShardContext>,
 }
 
@@ -391,19 +394,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.count_frame(label);
         let count = records.count();
         let _inflight = ctx.sink.reserve(size).await;
+        let device = self
+            .device_keys
+            .get_or_insert_with(|| Sink::device_keys(&self.keys, imei));
         let call = match &records {
             Records::Teltonika(packet) => ctx.sink.prepare(
                 &self.keys,
+                device,
                 imei,
                 packet.codec,
                 self.port,
                 &packet.records,
-                now_ms(),
             ),
-            Records::Gt06(location) => {
-                ctx.sink
-                    .prepare_gt06(&self.keys, imei, self.port, location, now_ms())
-            }
+            Records::Gt06(location) => ctx
+                .sink
+                .prepare_gt06(&self.keys, device, imei, self.port, location),
         };
         drop(records);
         let new = publish(&ctx, &call).await?;

@@ -309,15 +309,21 @@ impl Sink {
         })
     }
 
-    /// Builds the script call for one frame of one device.
+    /// The store script's keys of a device ([`layout::store_keys`]): computed once per session.
+    pub(crate) fn device_keys(keys: &ShardKeys, imei: &Imei) -> Arc<[String; 3]> {
+        layout::store_keys(&keys.prefix, &keys.pool, imei, keys.partitions).into()
+    }
+
+    /// Builds the script call for one frame of one device, received now; `device` is its
+    /// [`Sink::device_keys`].
     pub(crate) fn prepare(
         &self,
         keys: &ShardKeys,
+        device: &Arc<[String; 3]>,
         imei: &Imei,
         codec: Codec,
         port: u16,
         records: &[AvlRecord],
-        recv_ms: u64,
     ) -> Arc<StoreCall> {
         let fixed = StoreArgs {
             max_len: keys.max_len,
@@ -326,20 +332,20 @@ impl Sink {
             imei: imei.as_str(),
             codec: codec.label(),
             port,
-            recv_ms,
+            recv_ms: now_ms(),
             protocol: TELTONIKA,
         };
-        self.call(keys, imei, &fixed, layout::store_args(&fixed, records))
+        self.call(keys, device, &fixed, layout::store_args(&fixed, records))
     }
 
     /// Builds the script call for one GT06 location (`protocol=gt06`, no `codec`).
     pub(crate) fn prepare_gt06(
         &self,
         keys: &ShardKeys,
+        device: &Arc<[String; 3]>,
         imei: &Imei,
         port: u16,
         location: &trackgate_protocol::gt06::Location,
-        recv_ms: u64,
     ) -> Arc<StoreCall> {
         let fixed = StoreArgs {
             max_len: keys.max_len,
@@ -348,23 +354,23 @@ impl Sink {
             imei: imei.as_str(),
             codec: "",
             port,
-            recv_ms,
+            recv_ms: now_ms(),
             protocol: trackgate_protocol::gt06::PROTOCOL,
         };
         let args = layout::gt06_store_args(&fixed, std::slice::from_ref(location));
-        self.call(keys, imei, &fixed, args)
+        self.call(keys, device, &fixed, args)
     }
 
     fn call(
         &self,
         keys: &ShardKeys,
-        imei: &Imei,
+        device: &Arc<[String; 3]>,
         fixed: &StoreArgs<'_>,
         args: layout::PackedArgs,
     ) -> Arc<StoreCall> {
         Arc::new(StoreCall {
             frame: StoreFrame {
-                keys: layout::store_keys(&keys.prefix, &keys.pool, imei, keys.partitions),
+                keys: Arc::clone(device),
                 args,
             },
             settings: fixed.settings(),

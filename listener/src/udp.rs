@@ -17,7 +17,7 @@ use trackgate_telemetry::Heartbeat;
 
 use crate::config::Admission;
 use crate::session::{ShardContext, publish};
-use crate::sink::{Event, now_ms};
+use crate::sink::{Event, Sink};
 
 /// Largest UDP payload over IPv4.
 const MAX_DATAGRAM: usize = 65_507;
@@ -133,9 +133,14 @@ async fn handle(
         .inc();
     let count = parsed.packet.records.len();
     let _inflight = ctx.sink.reserve(datagram.len()).await;
-    let call = ctx
-        .sink
-        .prepare(&keys, imei, codec, port, &parsed.packet.records, now_ms());
+    let call = ctx.sink.prepare(
+        &keys,
+        &Sink::device_keys(&keys, imei),
+        imei,
+        codec,
+        port,
+        &parsed.packet.records,
+    );
     let Ok(new) = publish(ctx, &call).await else {
         return;
     };

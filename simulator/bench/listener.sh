@@ -43,6 +43,7 @@ LISTENER_PID=""
 cleanup() {
   [[ -n "$LISTENER_PID" ]] && kill -9 "$LISTENER_PID" 2>/dev/null || true
   [[ -n "$REDIS_PID" ]] && kill "$REDIS_PID" 2>/dev/null || true
+  [[ -s "$WORK/listener.log" ]] && tail -5 "$WORK/listener.log" >&2
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -50,8 +51,15 @@ trap cleanup EXIT
 say() { printf '\n=== %s\n' "$*"; }
 rcli() { redis-cli -p "$REDIS_PORT" "$@"; }
 
+# Optional CPU pinning (taskset lists), e.g. REDIS_CPUS=0 LISTENER_CPUS=1 SIM_CPUS=1: on a
+# small machine the three processes otherwise preempt each other mid-command.
+pin() { [[ -n "$1" ]] && echo taskset -c "$1"; }
+read -ra PIN_REDIS <<<"$(pin "${REDIS_CPUS:-}")"
+read -ra PIN_LISTENER <<<"$(pin "${LISTENER_CPUS:-}")"
+read -ra PIN_SIM <<<"$(pin "${SIM_CPUS:-}")"
+
 start_redis() {
-  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+  "${PIN_REDIS[@]}" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
     --dir "$WORK" >/dev/null &
   REDIS_PID=$!
   until rcli ping >/dev/null 2>&1; do sleep 0.05; done
@@ -75,7 +83,7 @@ EOF
 }
 
 start_listener() {
-  "$BIN" listen --config "$1" --admin-addr "127.0.0.1:${ADMIN_PORT}" --bind 127.0.0.1 2>>"$WORK/listener.log" &
+  "${PIN_LISTENER[@]}" "$BIN" listen --config "$1" --admin-addr "127.0.0.1:${ADMIN_PORT}" --bind 127.0.0.1 2>>"$WORK/listener.log" &
   LISTENER_PID=$!
   until (exec 3<>"/dev/tcp/127.0.0.1/${DEVICE_PORT}") 2>/dev/null; do sleep 0.02; done
 }
@@ -103,7 +111,8 @@ fi
 
 if [[ " $PARTS " == *" max "* ]]; then
   say "max: ${DEVICES} devices, ${RPF} records/frame, as fast as acked, ${SECONDS_MAX}s, verified"
-  "$SIM_BIN" simulate --config "$WORK/shard.json" --records-per-frame "$RPF" \
+  rcli CONFIG RESETSTAT >/dev/null
+  "${PIN_SIM[@]}" "$SIM_BIN" simulate --config "$WORK/shard.json" --records-per-frame "$RPF" \
     --duration "${SECONDS_MAX}s" --verify --json >"$WORK/max.json"
   python3 - "$WORK/max.json" <<'EOF'
 import json, sys
@@ -115,13 +124,20 @@ print(f"max: {rep['records_per_second']:.0f} records/s, p50 {l['p50_us']/1000:.2
       f"verify missing={v['missing']} duplicated={v['duplicated']}")
 EOF
   MAX_RATE=$(python3 -c "import json;print(json.load(open('$WORK/max.json'))['report']['records_per_second'])")
+  # How many frames the listener put in one store call (EVALSHA, EVAL after NOSCRIPT; the
+  # command path's few scripts a second are counted too): what the ceiling should replay.
+  CALLS=$(rcli INFO commandstats | tr -d '\r' |
+    awk -F'[=,:]' '/^cmdstat_(evalsha|eval):/ {s += $3} END {print s + 0}')
+  python3 -c "import json; r = json.load(open('$WORK/max.json'))['report']
+print(f\"store calls: {$CALLS:,}, {r['records_acked'] / $RPF / max($CALLS, 1):.1f} frames per call\")"
+
 fi
 
 if [[ " $PARTS " == *" latency "* ]]; then
   for pct in 50 80; do
     RATE=$(python3 -c "print(round(${MAX_RATE:?run max first or set MAX_RATE} * $pct / 100))")
     say "latency at ${pct}% of max: --rate ${RATE}"
-    "$SIM_BIN" simulate --config "$WORK/shard.json" --records-per-frame "$RPF" --rate "$RATE" \
+    "${PIN_SIM[@]}" "$SIM_BIN" simulate --config "$WORK/shard.json" --records-per-frame "$RPF" --rate "$RATE" \
       --duration "${SECONDS_LAT}s" | grep -E 'acked|latency|errors'
   done
 fi

@@ -97,7 +97,7 @@ fn main() -> Result<()> {
                 let partition = usize::try_from(layout::partition_of(imei, partitions))?;
                 pending[partition].push(StoreFrame {
                     args: layout::store_args(&fixed, &records),
-                    keys,
+                    keys: keys.into(),
                 });
                 // Every partition's call is closed at the end of the warm-up and of the run.
                 let last = frame + 1 == warm || frame + 1 == frames;

@@ -62,7 +62,7 @@ fn store_call(
     let frames: Vec<StoreFrame> = frames
         .iter()
         .map(|(imei, records)| StoreFrame {
-            keys: layout::store_keys(prefix, POOL, imei, PARTITIONS),
+            keys: layout::store_keys(prefix, POOL, imei, PARTITIONS).into(),
             args: layout::store_args(&fixed(imei, window, 1_700_000_000_000), records),
         })
         .collect();
