@@ -528,7 +528,7 @@ pub fn cluster_nodes(url: &str) -> Result<Option<Vec<String>>, String> {
 pub fn listener_acl(prefix: &str) -> String {
     format!(
         "resetkeys ~{prefix}:* resetchannels &{prefix}:* -@all \
-         +evalsha +eval +getrange +setrange +pttl +zscore +zrange +zremrangebyrank +xadd +xtrim \
+         +evalsha +eval +getrange +setrange +pttl +zscore +zrange +zremrangebyrank +xadd \
          +zadd +pexpire +hset \
          +wait +ping +info \
          +cluster|slots +cluster|nodes +cluster|shards +asking +readonly \

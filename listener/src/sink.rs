@@ -2,14 +2,16 @@
 //! the only module that knows Redis.
 //!
 //! ```text
-//!  session ─┐ StoreCall + oneshot        ┌─ EVALSHA store_readings (one per frame) ─┐
+//!  session ─┐ StoreCall + oneshot        ┌─ EVALSHA store_readings (per partition) ─┐
 //!  session ─┼──► bounded mpsc ──► publisher task: one pipeline per batch ───────────►│ Redis
 //!  udp     ─┘  events / device state (try_send, best effort) ─── XADD / HSET ───────┘
 //! ```
 //!
 //! Records from every connection are batched: the publisher takes what is queued (up to
-//! [`MAX_BATCH_CALLS`]) and sends it as one pipeline, so a busy listener makes one round trip
-//! for many frames. Each session awaits its own frame's result and acks only on `Ok`.
+//! [`MAX_BATCH_CALLS`] frames) and sends it as one pipeline, with one script call for up to 16
+//! frames of one readings partition, so a busy listener makes one round trip and few calls for
+//! many frames. The script answers each frame on its own; each session awaits its own frame's
+//! result and acks only on `Ok`.
 //!
 //! Dedup is atomic with the XADD: the `store_readings` script checks each record's
 //! fingerprint against the device's dedup window (`<prefix>:{<pool>:<n>}:dedup:<imei>`, a

@@ -14,7 +14,8 @@
 # /proc), dedup memory per device and stream memory per entry. CALLGRIND=1 counts redis-server
 # instructions per record instead (valgrind; stable on a busy machine, ~50x slower: use fewer
 # frames).
-# Knobs (env): FRAMES=50000 WARM=10000 DEVICES=200 RPF=10 CALLGRIND=0 REDIS_PORT=16500.
+# Knobs (env): FRAMES=50000 WARM=10000 DEVICES=200 RPF=10 FPC=16 CALLGRIND=0 REDIS_PORT=16500,
+# REDIS_CPUS / CLIENT_CPUS (taskset lists: Redis on a core of its own, as beside a listener).
 set -euo pipefail
 
 VARIANTS=${*:-xadd v1 current}
@@ -33,6 +34,9 @@ cleanup() {
 }
 trap cleanup EXIT
 rcli() { redis-cli -p "$REDIS_PORT" "$@"; }
+pin() { [[ -n "$1" ]] && echo taskset -c "$1"; }
+read -ra PIN_REDIS <<<"$(pin "${REDIS_CPUS:-}")"
+read -ra PIN_CLIENT <<<"$(pin "${CLIENT_CPUS:-}")"
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 echo "machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); $(redis-server --version | cut -d' ' -f1-3)"
@@ -43,7 +47,7 @@ for variant in $VARIANTS; do
     valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/cg.$variant" \
       redis-server "${ARGS[@]}" >/dev/null 2>"$WORK/valgrind.log" &
   else
-    redis-server "${ARGS[@]}" >/dev/null &
+    "${PIN_REDIS[@]}" redis-server "${ARGS[@]}" >/dev/null &
   fi
   REDIS_PID=$!
   until rcli ping >/dev/null 2>&1; do sleep 0.1; done
@@ -56,7 +60,7 @@ for variant in $VARIANTS; do
   [[ "$CALLGRIND" == 1 ]] && callgrind_control -i on "$REDIS_PID" >/dev/null
   T0=$(date +%s.%N)
   C0=$(cpu_ticks "$REDIS_PID")
-  rcli --pipe <"$WORK/$variant/measure.resp" >"$WORK/pipe.log"
+  "${PIN_CLIENT[@]}" redis-cli -p "$REDIS_PORT" --pipe <"$WORK/$variant/measure.resp" >"$WORK/pipe.log"
   C1=$(cpu_ticks "$REDIS_PID")
   T1=$(date +%s.%N)
   if [[ "$CALLGRIND" == 1 ]]; then
