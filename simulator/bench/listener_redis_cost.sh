@@ -59,5 +59,10 @@ callgrind_control -i on "$REDIS_PID" >/dev/null
 callgrind_control -i off "$REDIS_PID" >/dev/null
 callgrind_control -d "$REDIS_PID" >/dev/null
 AFTER=$(stored)
+# Frames per script call: Redis runs ~50x slower under callgrind, so more frames queue per call
+# than at full speed (listener.sh prints the full-speed figure).
+CALLS=$(rcli INFO commandstats | tr -d '\r' |
+  awk -F'[=,:]' '/^cmdstat_(evalsha|eval):/ {s += $3} END {print s + 0}')
 IR=$(grep -h '^totals:' "$WORK/cg"* | awk '{s += $2} END {print s}')
-python3 -c "n = $AFTER - $BEFORE; print(f'{n:,} records stored; {$IR / n:,.0f} redis-server instructions per record')"
+python3 -c "n = $AFTER - $BEFORE; print(f'{n:,} records stored; {$IR / n:,.0f} redis-server instructions per record; '
+      f'{$AFTER / 10 / max($CALLS, 1):.1f} frames per script call')"
