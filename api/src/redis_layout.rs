@@ -166,18 +166,18 @@ impl StoreFrame {
 }
 
 /// Writes what follows the script in one store call (`numkeys`, `KEYS`, `ARGV`) for `frames`,
-/// in order, one argument per call of `arg`. Every frame must have the same readings stream
-/// (the first's is used): one partition, so one Redis Cluster slot.
+/// in order, one argument per call of `arg`; nothing for no frames. Every frame must have the
+/// same readings stream (the first's is used): one partition, so one Redis Cluster slot.
 pub fn store_call_args(
     settings: &StoreSettings,
     frames: &[&StoreFrame],
     mut arg: impl FnMut(&[u8]),
 ) {
-    let mut int = itoa::Buffer::new();
-    arg(int.format(1 + 2 * frames.len()).as_bytes());
     let Some(first) = frames.first() else {
         return;
     };
+    let mut int = itoa::Buffer::new();
+    arg(int.format(1 + 2 * frames.len()).as_bytes());
     arg(first.readings().as_bytes());
     for frame in frames {
         debug_assert_eq!(frame.readings(), first.readings(), "one partition per call");

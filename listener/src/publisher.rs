@@ -17,12 +17,13 @@ use redis::{Cmd, RedisResult, Script, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use trackgate_api::Durability;
+use trackgate_api::redis_layout::{StoreFrame, StoreSettings};
 use trackgate_telemetry::{Health, Heartbeat};
 
 use crate::error::PublishError;
 use crate::metrics::Metrics;
 use crate::redis_conn::{RedisConn, check_durability};
-use crate::sink::{Job, MAX_BATCH_CALLS, SideWrite, StoreCall, eval_cmd, script_cmd};
+use crate::sink::{Job, MAX_BATCH_CALLS, SideWrite, eval_cmd, script_cmd};
 
 /// Readiness name of the Redis condition (reachable).
 pub(crate) const REDIS_READY: &str = "redis";
@@ -254,12 +255,18 @@ impl Batcher {
                 _ => calls.push(i..i + 1),
             }
         }
-        let frames = |call: &std::ops::Range<usize>| -> Vec<&StoreCall> {
-            jobs[call.clone()].iter().map(|j| &*j.call).collect()
+        // A call's settings are its first frame's: `joins` made them equal.
+        let frames = |call: &std::ops::Range<usize>| -> (StoreSettings, Vec<&StoreFrame>) {
+            let jobs = &jobs[call.clone()];
+            let frames = jobs.iter().map(|j| &j.call.frame).collect();
+            (jobs[0].call.settings, frames)
         };
         let cmds = calls
             .iter()
-            .map(|call| script_cmd(&self.script, &frames(call)))
+            .map(|call| {
+                let (settings, frames) = frames(call);
+                script_cmd(&self.script, &settings, &frames)
+            })
             .collect();
         let results = match self.pipeline(cmds, durability).await {
             Ok(results) => results,
@@ -289,7 +296,10 @@ impl Batcher {
         if !noscript.is_empty() {
             let cmds = noscript
                 .iter()
-                .map(|&i| eval_cmd(&frames(&calls[i])))
+                .map(|&i| {
+                    let (settings, frames) = frames(&calls[i]);
+                    eval_cmd(&settings, &frames)
+                })
                 .collect();
             let retried = self.pipeline(cmds, durability).await;
             for (k, &i) in noscript.iter().enumerate() {
@@ -319,9 +329,7 @@ impl Batcher {
                             Value::ServerError(err) => {
                                 Err(PublishError::from_redis(&redis::RedisError::from(err)))
                             }
-                            other => Err(PublishError::Server(format!(
-                                "unexpected script reply {other:?}"
-                            ))),
+                            other => Err(unexpected_reply(&other)),
                         };
                         let _ = job.reply.send(outcome);
                     }
@@ -333,9 +341,7 @@ impl Batcher {
                 result => {
                     let err = match result {
                         Err(err) => PublishError::from_redis(&err),
-                        Ok(other) => {
-                            PublishError::Server(format!("unexpected script reply {other:?}"))
-                        }
+                        Ok(other) => unexpected_reply(&other),
                     };
                     for job in call_jobs {
                         let _ = job.reply.send(Err(err.clone()));
@@ -453,6 +459,10 @@ fn wait_reached(
             "{name} {local} {replicas} did not reach its target in time"
         )))
     }
+}
+
+fn unexpected_reply(reply: &Value) -> PublishError {
+    PublishError::Server(format!("unexpected script reply {reply:?}"))
 }
 
 fn is_noscript(result: &RedisResult<Value>) -> bool {

@@ -131,25 +131,23 @@ impl StoreCall {
     }
 }
 
-/// One `EVALSHA` of the store script for `calls`, which all [`StoreCall::joins`] the first.
-pub(crate) fn script_cmd(script: &Script, calls: &[&StoreCall]) -> Cmd {
-    with_script("EVALSHA", script.get_hash(), calls)
+/// One `EVALSHA` of the store script for `frames`, of calls that all [`StoreCall::joins`]
+/// the first.
+pub(crate) fn script_cmd(script: &Script, settings: &StoreSettings, frames: &[&StoreFrame]) -> Cmd {
+    with_script("EVALSHA", script.get_hash(), settings, frames)
 }
 
 /// The same call with the script's text (after `NOSCRIPT`).
-pub(crate) fn eval_cmd(calls: &[&StoreCall]) -> Cmd {
-    with_script("EVAL", STORE_READINGS_LUA, calls)
+pub(crate) fn eval_cmd(settings: &StoreSettings, frames: &[&StoreFrame]) -> Cmd {
+    with_script("EVAL", STORE_READINGS_LUA, settings, frames)
 }
 
-fn with_script(name: &str, script: &str, calls: &[&StoreCall]) -> Cmd {
+fn with_script(name: &str, script: &str, settings: &StoreSettings, frames: &[&StoreFrame]) -> Cmd {
     let mut cmd = redis::cmd(name);
     cmd.arg(script);
-    let frames: Vec<&StoreFrame> = calls.iter().map(|c| &c.frame).collect();
-    if let Some(first) = calls.first() {
-        layout::store_call_args(&first.settings, &frames, |arg| {
-            cmd.arg(arg);
-        });
-    }
+    layout::store_call_args(settings, frames, |arg| {
+        cmd.arg(arg);
+    });
     cmd
 }
 

@@ -130,7 +130,6 @@ EOF
     awk -F'[=,:]' '/^cmdstat_(evalsha|eval):/ {s += $3} END {print s + 0}')
   python3 -c "import json; r = json.load(open('$WORK/max.json'))['report']
 print(f\"store calls: {$CALLS:,}, {r['records_acked'] / $RPF / max($CALLS, 1):.1f} frames per call\")"
-
 fi
 
 if [[ " $PARTS " == *" latency "* ]]; then

@@ -59,6 +59,7 @@ fn store_call(
     window: u32,
     frames: &[(&Imei, &[AvlRecord])],
 ) -> Vec<u32> {
+    let settings = fixed(frames[0].0, window, 0).settings();
     let frames: Vec<StoreFrame> = frames
         .iter()
         .map(|(imei, records)| StoreFrame {
@@ -69,7 +70,6 @@ fn store_call(
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(STORE_READINGS_LUA);
     let refs: Vec<&StoreFrame> = frames.iter().collect();
-    let settings = fixed(&Imei::parse("356307042441013").expect("imei"), window, 0).settings();
     layout::store_call_args(&settings, &refs, |arg| {
         cmd.arg(arg);
     });
