@@ -16,7 +16,8 @@
 #            listener and the time until every device is logged in again.
 #
 # Knobs (env): SIM_BIN=<trackgate binary for the simulator> DEVICES=200 RPF=10 SECONDS_MAX=20 SECONDS_LAT=15 IDLE_DEVICES=19000
-# BENCH_CALLS=50000 (frames measured for the ceiling).
+# BENCH_CALLS=50000 (frames measured for the ceiling), PERF_DIR (a folder: `perf record` of
+# redis-server over the steady middle of `max`, and of the ceiling's replay).
 set -euo pipefail
 
 BIN=${1:-target/release/trackgate}
@@ -93,6 +94,20 @@ connections_open() {
     awk '/^trackgate_listener_connections_open/ {s += $2} END {print s + 0}'
 }
 
+# A process's CPU (user + system) in clock ticks.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# One line: records stored, the CPU ticks of Redis, the listener and process $1, and the ticks
+# cpu0 and cpu1 were busy (neither idle nor waiting on IO).
+cpu_sample() {
+  echo "$(records_stored) $(cpu_ticks "$REDIS_PID") $(cpu_ticks "$LISTENER_PID") $(cpu_ticks "$1")" \
+    "$(awk '/^cpu[01] / {printf "%d ", $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat)"
+}
+
+records_stored() {
+  curl -s "http://127.0.0.1:${ADMIN_PORT}/metrics" |
+    awk '/^trackgate_listener_records_total/ {s += $2} END {printf "%d", s}'
+}
+
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 
 start_redis
@@ -113,7 +128,21 @@ if [[ " $PARTS " == *" max "* ]]; then
   say "max: ${DEVICES} devices, ${RPF} records/frame, as fast as acked, ${SECONDS_MAX}s, verified"
   rcli CONFIG RESETSTAT >/dev/null
   "${PIN_SIM[@]}" "$SIM_BIN" simulate --config "$WORK/shard.json" --records-per-frame "$RPF" \
-    --duration "${SECONDS_MAX}s" --verify --json >"$WORK/max.json"
+    --duration "${SECONDS_MAX}s" --verify --json >"$WORK/max.json" &
+  SIM_PID=$!
+  # CPU per record stored, over the steady middle of the run (not the logins, nor the
+  # verification's reads at the end): Redis's, to set beside the ceiling's, and the rest of
+  # the machine's.
+  sleep 5
+  S0=$(cpu_sample "$SIM_PID"); T0=$(date +%s.%N)
+  if [[ -n "${PERF_DIR:-}" ]]; then
+    perf record -q -e cpu-clock -F 999 -g -p "$REDIS_PID" -o "$PERF_DIR/listener.data" -- \
+      sleep $((SECONDS_MAX - 10)) 2>/dev/null
+  else
+    sleep $((SECONDS_MAX - 10))
+  fi
+  S1=$(cpu_sample "$SIM_PID"); T1=$(date +%s.%N)
+  wait "$SIM_PID"
   python3 - "$WORK/max.json" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -126,10 +155,25 @@ EOF
   MAX_RATE=$(python3 -c "import json;print(json.load(open('$WORK/max.json'))['report']['records_per_second'])")
   # How many frames the listener put in one store call (EVALSHA, EVAL after NOSCRIPT; the
   # command path's few scripts a second are counted too): what the ceiling should replay.
+  if [[ -n "${PERF_DIR:-}" ]]; then
+    rcli INFO commandstats >"$PERF_DIR/commandstats.txt"
+    curl -s "http://127.0.0.1:${ADMIN_PORT}/metrics" >"$PERF_DIR/metrics.txt"
+  fi
   CALLS=$(rcli INFO commandstats | tr -d '\r' |
     awk -F'[=,:]' '/^cmdstat_(evalsha|eval):/ {s += $3} END {print s + 0}')
-  python3 -c "import json; r = json.load(open('$WORK/max.json'))['report']
-print(f\"store calls: {$CALLS:,}, {r['records_acked'] / $RPF / max($CALLS, 1):.1f} frames per call\")"
+  python3 - "$WORK/max.json" "$CALLS" "$S0" "$S1" "$T0" "$T1" "$(getconf CLK_TCK)" "$RPF" <<'EOF'
+import json, sys
+acked = json.load(open(sys.argv[1]))["report"]["records_acked"]
+calls, rpf = int(sys.argv[2]), int(sys.argv[8])
+d = [b - a for a, b in zip(map(int, sys.argv[3].split()), map(int, sys.argv[4].split()))]
+secs, ticks, records = float(sys.argv[6]) - float(sys.argv[5]), int(sys.argv[7]), max(d[0], 1)
+print(f"store calls: {calls:,}, {acked / rpf / max(calls, 1):.1f} frames per call; "
+      f"steady: {d[0] / secs:.0f} records/s stored over {secs:.1f} s")
+print("CPU per record stored: " + ", ".join(
+    f"{name} {t / ticks * 1e6 / records:.2f} us ({t / ticks / secs:.0%} of a core)"
+    for name, t in zip(("Redis", "listener", "simulator"), d[1:4]))
+    + f"; cpu0 {d[4] / ticks / secs:.0%} busy, cpu1 {d[5] / ticks / secs:.0%} busy")
+EOF
 fi
 
 if [[ " $PARTS " == *" latency "* ]]; then

@@ -15,7 +15,9 @@
 # instructions per record instead (valgrind; stable on a busy machine, ~50x slower: use fewer
 # frames).
 # Knobs (env): FRAMES=50000 WARM=10000 DEVICES=200 RPF=10 FPC=16 CALLGRIND=0 REDIS_PORT=16500,
-# REDIS_CPUS / CLIENT_CPUS (taskset lists: Redis on a core of its own, as beside a listener).
+# REDIS_CPUS / CLIENT_CPUS (taskset lists: Redis on a core of its own, as beside a listener),
+# PERF_DIR (a folder: `perf record` of redis-server while the measured calls run, to set beside
+# listener.sh's).
 set -euo pipefail
 
 VARIANTS=${*:-xadd v1 current}
@@ -60,7 +62,13 @@ for variant in $VARIANTS; do
   [[ "$CALLGRIND" == 1 ]] && callgrind_control -i on "$REDIS_PID" >/dev/null
   T0=$(date +%s.%N)
   C0=$(cpu_ticks "$REDIS_PID")
+  PERF_PID=""
+  if [[ -n "${PERF_DIR:-}" ]]; then
+    perf record -q -e cpu-clock -F 999 -g -p "$REDIS_PID" -o "$PERF_DIR/store.$variant.data" 2>/dev/null &
+    PERF_PID=$!
+  fi
   "${PIN_CLIENT[@]}" redis-cli -p "$REDIS_PORT" --pipe <"$WORK/$variant/measure.resp" >"$WORK/pipe.log"
+  [[ -n "$PERF_PID" ]] && { kill -INT "$PERF_PID"; wait "$PERF_PID" || true; }
   C1=$(cpu_ticks "$REDIS_PID")
   T1=$(date +%s.%N)
   if [[ "$CALLGRIND" == 1 ]]; then

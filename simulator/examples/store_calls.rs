@@ -70,7 +70,8 @@ fn main() -> Result<()> {
     let mut tracks: Vec<(Imei, Track)> = (0..devices)
         .map(|d| {
             let imei = Imei::parse(&format!("{}", 356_000_000_000_000 + d))?;
-            Ok((imei, Track::new(7, d, START_MS)))
+            // Seed 1: `trackgate simulate`'s default, so the records are those its devices send.
+            Ok((imei, Track::new(1, d, START_MS)))
         })
         .collect::<Result<_>>()?;
     let mut pick = SplitMix64::new(11);
