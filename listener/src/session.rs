@@ -45,6 +45,21 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(1);
 /// second should not double the Redis write rate just to say "still here".
 const DEVICE_STATE_EVERY: Duration = Duration::from_secs(10);
 
+/// Room at the end of the buffer below which a read first takes back the front: about a frame.
+const READ_ROOM: usize = 1024;
+
+/// Takes back, without allocating, the room that frames already handled left at the front of
+/// the buffer. Otherwise the next read gets only the few bytes left at its end and a second
+/// read the rest: two reads a frame where one will do (`strace` at full load: 17 bytes, then
+/// 958). A buffer never filled (an idle device's) stays unallocated.
+fn take_back_room(buf: &mut BytesMut) {
+    let room = buf.capacity() - buf.len();
+    if room < READ_ROOM {
+        // Asking for one byte more than the end has moves the data to the front, if it fits.
+        let _ = buf.try_reclaim(room + 1);
+    }
+}
+
 /// What every session of one shard shares.
 pub(crate) struct ShardContext {
     pub(crate) pool: String,
@@ -303,6 +318,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if self.ctx.stop.is_cancelled() {
                 return CloseReason::Shutdown;
             }
+            take_back_room(&mut self.buf);
             tokio::select! {
                 biased;
                 () = self.ctx.stop.cancelled() => return CloseReason::Shutdown,
@@ -565,10 +581,25 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
     use crate::error::PublishError;
     use tokio::io::DuplexStream;
     use tokio::sync::mpsc;
     use trackgate_protocol::{AvlPacket, AvlRecord, Codec, encode_ack, encode_avl, encode_login};
+
+    #[test]
+    fn the_room_a_handled_frame_left_is_taken_back_for_the_next_read() {
+        let mut buf = BytesMut::with_capacity(992);
+        buf.extend_from_slice(&[7; 975]);
+        drop(buf.split_to(975));
+        assert_eq!(buf.capacity(), 17);
+        take_back_room(&mut buf);
+        assert_eq!(buf.capacity(), 992);
+        // Never filled: nothing is allocated for it.
+        let mut idle = BytesMut::new();
+        take_back_room(&mut idle);
+        assert_eq!(idle.capacity(), 0);
+    }
 
     const IMEI: &str = "356307042441013";
 

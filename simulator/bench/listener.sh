@@ -28,6 +28,8 @@ PARTS=${*:-ceiling max latency idle}
 DEVICES=${DEVICES:-200}
 RPF=${RPF:-10}
 SECONDS_MAX=${SECONDS_MAX:-20}
+# CPU is sampled from 5 s in to 5 s before the end of `max`.
+((SECONDS_MAX >= 12)) || { echo "SECONDS_MAX must be 12 or more" >&2; exit 1; }
 SECONDS_LAT=${SECONDS_LAT:-15}
 IDLE_DEVICES=${IDLE_DEVICES:-19000}
 BENCH_CALLS=${BENCH_CALLS:-50000}
