@@ -37,13 +37,18 @@ pub(crate) const DURABILITY_READY: &str = "redis-durability";
 /// so none of its frames can overtake another.
 const PIPELINES_IN_FLIGHT: usize = 4;
 
-/// Frames that make a pipeline worth sending while two or more are already in flight. Fewer
-/// wait for one of those to finish: sent at once, the first frame back from a finished
-/// pipeline took a slot of its own, and Redis, having run through the few frames of such
-/// pipelines, idled while the others were still on their way back (`listener.sh` saw a
-/// median pipeline of one frame and Redis idle 7-20 % of the time at full load). With one
-/// or none in flight, whatever is queued goes at once, so a quiet listener adds no wait.
+/// Frames that make a pipeline worth sending while Redis has work queued (two pipelines and
+/// [`BUSY_FRAMES`] in flight). Fewer wait for one of those to finish: sent at once, the first
+/// frame back from a finished pipeline took a slot of its own, and Redis, having run through
+/// the few frames of such pipelines, idled while the others were still on their way back
+/// (`listener.sh` saw a median pipeline of one frame and Redis idle 7-20 % of the time at full
+/// load).
 const FULL_PIPELINE: usize = 4 * FRAMES_PER_CALL;
+
+/// Frames in flight below which Redis is about to run dry, so whatever is queued goes at once:
+/// under moderate load the pipelines are small, and a frame held back behind them would wait
+/// for a round trip Redis does not need.
+const BUSY_FRAMES: usize = FRAMES_PER_CALL;
 
 /// Frames in one script call at most. A call's fixed cost (the command, the script's set-up,
 /// the reply) spread over more frames: at 1 record per frame that cost is most of a frame's
@@ -84,24 +89,38 @@ impl Publisher {
         let mut busy = false;
         let mut last_check: Option<tokio::time::Instant> = None;
         let mut in_flight = tokio::task::JoinSet::new();
+        // Frames in the pipelines in flight.
+        let mut frames = 0;
         let mut jobs: Vec<Job> = Vec::new();
         loop {
             self.heartbeat.beat();
-            if send_now(jobs.len(), in_flight.len()) {
+            if send_now(jobs.len(), in_flight.len(), frames) {
                 for job in &jobs {
                     if self.modes.insert(job.call.durability) {
                         last_check = None;
                     }
                 }
                 let batch = std::mem::take(&mut jobs);
+                let n = batch.len();
+                frames += n;
                 let batcher = self.batcher.clone();
-                in_flight.spawn(async move { batcher.send_batch(batch).await });
+                in_flight.spawn(async move {
+                    batcher.send_batch(batch).await;
+                    n
+                });
                 continue;
             }
             // Each batch ends within its response timeouts, so waiting on one is bounded.
             tokio::select! {
                 biased;
-                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+                Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
+                    // A batch that panicked took its count along; none in flight is zero.
+                    frames = match done {
+                        Ok(n) if !in_flight.is_empty() => frames.saturating_sub(n),
+                        _ if !in_flight.is_empty() => frames,
+                        _ => 0,
+                    };
+                }
                 job = self.jobs.recv(), if jobs.len() < MAX_BATCH_CALLS => match job {
                     Some(job) => {
                         busy = true;
@@ -142,12 +161,15 @@ impl Publisher {
     }
 }
 
-/// Whether `queued` frames go out as a pipeline now, with `in_flight` pipelines unanswered:
-/// never past [`PIPELINES_IN_FLIGHT`]; at once while fewer than two are in flight (so a quiet
-/// listener adds no wait, and Redis has the next pipeline before it finishes the current);
-/// otherwise only a [`FULL_PIPELINE`] worth.
-fn send_now(queued: usize, in_flight: usize) -> bool {
-    queued > 0 && in_flight < PIPELINES_IN_FLIGHT && (in_flight < 2 || queued >= FULL_PIPELINE)
+/// Whether `queued` frames go out as a pipeline now, with `in_flight` pipelines of `frames`
+/// frames unanswered: never past [`PIPELINES_IN_FLIGHT`]; at once while fewer than two
+/// pipelines or [`BUSY_FRAMES`] frames are in flight (so a quiet listener adds no wait, and
+/// Redis has the next pipeline before it finishes the current); otherwise only a
+/// [`FULL_PIPELINE`] worth.
+fn send_now(queued: usize, in_flight: usize, frames: usize) -> bool {
+    queued > 0
+        && in_flight < PIPELINES_IN_FLIGHT
+        && (in_flight < 2 || frames < BUSY_FRAMES || queued >= FULL_PIPELINE)
 }
 
 /// Writes events and device state in pipelines of their own; failures are counted
@@ -499,17 +521,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn few_frames_wait_only_behind_two_pipelines_and_never_past_the_limit() {
-        // Quiet: a lone frame goes at once, and so does the next beside one in flight.
-        assert!(send_now(1, 0));
-        assert!(send_now(1, 1));
-        assert!(!send_now(0, 0));
-        // Busy: behind two pipelines, a partial one waits for a slot to free or to fill up.
-        assert!(!send_now(1, 2));
-        assert!(!send_now(FULL_PIPELINE - 1, 3));
-        assert!(send_now(FULL_PIPELINE, 2));
-        assert!(send_now(MAX_BATCH_CALLS, 3));
-        assert!(!send_now(MAX_BATCH_CALLS, PIPELINES_IN_FLIGHT));
+    fn few_frames_wait_only_behind_two_busy_pipelines_and_never_past_the_limit() {
+        // Quiet: a lone frame goes at once, and so does the next beside one in flight, or
+        // beside a few small pipelines that Redis is about to finish.
+        assert!(send_now(1, 0, 0));
+        assert!(send_now(1, 1, 200));
+        assert!(send_now(1, 3, BUSY_FRAMES - 1));
+        assert!(!send_now(0, 0, 0));
+        // Busy: behind two pipelines with work in them, a partial one waits for a slot to
+        // free or to fill up.
+        assert!(!send_now(1, 2, BUSY_FRAMES));
+        assert!(!send_now(FULL_PIPELINE - 1, 3, 200));
+        assert!(send_now(FULL_PIPELINE, 2, 200));
+        assert!(send_now(MAX_BATCH_CALLS, 3, 200));
+        assert!(!send_now(MAX_BATCH_CALLS, PIPELINES_IN_FLIGHT, 0));
     }
 
     #[test]
