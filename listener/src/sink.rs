@@ -10,8 +10,8 @@
 //! Records from every connection are batched: the publisher takes what is queued (up to
 //! [`MAX_BATCH_CALLS`] frames) and sends it as one pipeline, with one script call for up to 16
 //! frames of one readings partition, so a busy listener makes one round trip and few calls for
-//! many frames. While two pipelines are unanswered, a few frames wait for one of them rather
-//! than take a pipeline of their own (`publisher.rs`). The script answers each frame on its own; each session awaits its own frame's
+//! many frames. While Redis has two pipelines of work queued, a few frames wait for one of
+//! them rather than take a pipeline of their own (`publisher.rs`). The script answers each frame on its own; each session awaits its own frame's
 //! result and acks only on `Ok`.
 //!
 //! Dedup is atomic with the XADD: the `store_readings` script checks each record's

@@ -9,7 +9,9 @@
 #   ceiling  Redis running the listener's own store calls, replayed (simulator/bench/store.sh;
 #            build its generator with `cargo build --release -p trackgate-simulator --example
 #            store_calls`): the Redis ceiling.
-#   max      records/s the listener stores (dedup on) with devices sending as fast as acked.
+#   max      records/s the listener stores (dedup on) with devices sending as fast as acked;
+#            over the run's steady middle, records/s and the CPU per record of Redis, the
+#            listener and the simulator (Redis's, to set beside the ceiling's).
 #   latency  ack latency at 50% and 80% of the measured maximum (needs `max` in the same run,
 #            or MAX_RATE=<records/s>).
 #   idle     RSS per idle connection at IDLE_DEVICES connections, then SIGKILL + restart of the
