@@ -114,11 +114,11 @@ impl Publisher {
             tokio::select! {
                 biased;
                 Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
-                    // A batch that panicked took its count along; none in flight is zero.
-                    frames = match done {
-                        Ok(n) if !in_flight.is_empty() => frames.saturating_sub(n),
-                        _ if !in_flight.is_empty() => frames,
-                        _ => 0,
+                    // A batch that panicked takes its count along: none in flight resets it.
+                    frames = if in_flight.is_empty() {
+                        0
+                    } else {
+                        frames.saturating_sub(done.unwrap_or(0))
                     };
                 }
                 job = self.jobs.recv(), if jobs.len() < MAX_BATCH_CALLS => match job {

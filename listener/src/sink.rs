@@ -11,8 +11,8 @@
 //! [`MAX_BATCH_CALLS`] frames) and sends it as one pipeline, with one script call for up to 16
 //! frames of one readings partition, so a busy listener makes one round trip and few calls for
 //! many frames. While Redis has two pipelines of work queued, a few frames wait for one of
-//! them rather than take a pipeline of their own (`publisher.rs`). The script answers each frame on its own; each session awaits its own frame's
-//! result and acks only on `Ok`.
+//! them rather than take a pipeline of their own (`publisher.rs`). The script answers each
+//! frame on its own; each session awaits its own frame's result and acks only on `Ok`.
 //!
 //! Dedup is atomic with the XADD: the `store_readings` script checks each record's
 //! fingerprint against the device's dedup window (`<prefix>:{<pool>:<n>}:dedup:<imei>`, a

@@ -175,7 +175,9 @@ async fn attempt(
         redis_tls: tls,
         bind_ip: LOCAL,
         publish_retry_for: Duration::from_secs(1),
-        redis_timeout: Duration::from_secs(1),
+        // Long enough for a TLS handshake on a loaded CI machine: a PING that times out first
+        // would hide the reason these tests look for (a certificate, a password).
+        redis_timeout: Duration::from_secs(3),
         shutdown_grace: Duration::from_millis(500),
         ..ListenerOptions::default()
     };
