@@ -157,12 +157,12 @@ print(f"max: {rep['records_per_second']:.0f} records/s, p50 {l['p50_us']/1000:.2
       f"verify missing={v['missing']} duplicated={v['duplicated']}")
 EOF
   MAX_RATE=$(python3 -c "import json;print(json.load(open('$WORK/max.json'))['report']['records_per_second'])")
-  # How many frames the listener put in one store call (EVALSHA, EVAL after NOSCRIPT; the
-  # command path's few scripts a second are counted too): what the ceiling should replay.
   if [[ -n "${PERF_DIR:-}" ]]; then
     rcli INFO commandstats >"$PERF_DIR/commandstats.txt"
     curl -s "http://127.0.0.1:${ADMIN_PORT}/metrics" >"$PERF_DIR/metrics.txt"
   fi
+  # How many frames the listener put in one store call (EVALSHA, EVAL after NOSCRIPT; the
+  # command path's few scripts a second are counted too): what the ceiling should replay.
   CALLS=$(rcli INFO commandstats | tr -d '\r' |
     awk -F'[=,:]' '/^cmdstat_(evalsha|eval):/ {s += $3} END {print s + 0}')
   python3 - "$WORK/max.json" "$CALLS" "$S0" "$S1" "$T0" "$T1" "$(getconf CLK_TCK)" "$RPF" <<'EOF'
